@@ -1,0 +1,42 @@
+"""Image helpers with the reference lpips 0.1.4 conventions, using Pillow (no OpenCV).
+
+Conventions (from the reference's ``load_image``/``im2tensor``/``tensor2im``): images are HWC
+uint8 RGB arrays; tensors are 1x3xHxW float32 in [-1, 1] (``x / 127.5 - 1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["load_image", "im2tensor", "tensor2im", "normalize_tensor"]
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 RGB array (grayscale and RGBA become RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def im2tensor(image: np.ndarray, imtype=np.uint8, cent: float = 1.0, factor: float = 255.0 / 2.0) -> torch.Tensor:
+    """HxWx3 array -> 1x3xHxW float32 tensor, ``image / factor - cent`` ([-1, 1] for uint8)."""
+    arr = np.asarray(image)
+    if arr.ndim != 3:
+        raise ValueError(f"image: expected an HxWxC array, got shape {arr.shape}")
+    return torch.from_numpy((arr / factor - cent).astype(np.float32).transpose(2, 0, 1)[None].copy())
+
+
+def tensor2im(image_tensor: torch.Tensor, imtype=np.uint8, cent: float = 1.0, factor: float = 255.0 / 2.0) -> np.ndarray:
+    """First image of an Nx3xHxW tensor -> HxWx3 array ``(x + cent) * factor`` cast to ``imtype``."""
+    image_numpy = image_tensor[0].detach().cpu().float().numpy()
+    return ((np.transpose(image_numpy, (1, 2, 0)) + cent) * factor).astype(imtype)
+
+
+def normalize_tensor(in_feat: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Unit-normalise over channels: ``x / (sqrt(sum_c x^2) + eps)`` (eps outside the sqrt)."""
+    norm_factor = torch.sqrt(torch.sum(in_feat**2, dim=1, keepdim=True))
+    return in_feat / (norm_factor + eps)

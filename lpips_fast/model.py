@@ -1,0 +1,281 @@
+"""``LPIPS``: the drop-in ``nn.Module`` for ``lpips.LPIPS`` 0.1.4.
+
+Thin by design: validate inputs, run the trunk once for both images, call the fused distance
+op once per layer. State-dict keys are the reference's (``scaling_layer.shift``,
+``net.slice1.0.weight``, ``lin0.model.1.weight``, ``lins.0.model.1.weight``), so reference
+checkpoints load. Differences from the reference, all deliberate:
+
+- quiet by default (``verbose=False``); ``version`` also accepts ``'v0.1'``/``'v0.0'``;
+- ``use_dropout=False`` still loads the calibrated lin weights (the reference's keys shift to
+  ``model.0`` there and ``strict=False`` silently drops them); checkpoints saved by the reference
+  with ``use_dropout=False`` (``lin0.model.0.weight``) load too;
+- ``pnet_rand=False`` never leaves the trunk random: verified pretrained weights or an error
+  saying what to run (``lpips-fast weights fetch``);
+- no NaN gradients where a feature column is all zero (the op's gradient there is 0);
+- bad inputs raise clear errors (see ``validation.py``); NaN/Inf inputs raise unless
+  ``nonfinite='propagate'``;
+- 1-channel images broadcast to RGB in both versions (the reference only broadcasts in v0.1).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nets import TRUNK_CHANNELS, build_trunk, canonical_net_name
+from .ops import lpips_distance
+from .profiling import nvtx_range
+from .validation import NONFINITE_POLICIES, check_finite, check_image_pair
+
+__all__ = ["LPIPS", "ScalingLayer", "NetLinLayer", "canonical_version"]
+
+
+def canonical_version(version: str) -> str:
+    v = version[1:] if isinstance(version, str) and version.startswith("v") else version
+    if v not in ("0.1", "0.0"):
+        raise ValueError(f"version: got {version!r}, expected '0.1' (or 'v0.1') or '0.0' (or 'v0.0')")
+    return v
+
+
+class ScalingLayer(nn.Module):
+    """v0.1 input scaling ``(x - shift) / scale`` with the reference's constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        return (inp - self.shift) / self.scale
+
+
+class NetLinLayer(nn.Module):
+    """1x1 conv without bias; ``model[0]`` is Dropout or Identity so the weight is always ``model.1``."""
+
+    def __init__(self, chn_in: int, chn_out: int = 1, use_dropout: bool = False) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Dropout() if use_dropout else nn.Identity(),
+            nn.Conv2d(chn_in, chn_out, 1, stride=1, padding=0, bias=False),
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.model[1].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The reference with use_dropout=False names the weight model.0.weight.
+        old, new = prefix + "model.0.weight", prefix + "model.1.weight"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _read_checkpoint(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch checkpoint (``weights_only=True``, never a full pickle)."""
+    p = os.fspath(path)
+    if p.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(p, device="cpu")
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+class LPIPS(nn.Module):
+    """Learned Perceptual Image Patch Similarity, numerically identical to ``lpips.LPIPS`` 0.1.4.
+
+    Arguments and defaults are the reference's (see its docstring), plus keyword-only
+    ``trunk_path`` (explicit trunk weights) and ``nonfinite`` ('raise' or 'propagate').
+    Inputs are (N,3,H,W) (or 1-channel) floats in [-1, 1], or [0, 1] with ``normalize=True``.
+    Returns (N,1,1,1), or (N,1,H,W) with ``spatial=True``; ``retPerLayer=True`` returns
+    ``(total, [per-layer])``.
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = True,
+        net: str = "alex",
+        version: str = "0.1",
+        lpips: bool = True,
+        spatial: bool = False,
+        pnet_rand: bool = False,
+        pnet_tune: bool = False,
+        use_dropout: bool = True,
+        model_path: str | os.PathLike | None = None,
+        eval_mode: bool = True,
+        verbose: bool = False,
+        *,
+        trunk_path: str | os.PathLike | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.pnet_type = net
+        net_c = canonical_net_name(net)
+        self.version = canonical_version(version)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite: got {nonfinite!r}, expected one of {NONFINITE_POLICIES}")
+        if verbose:
+            print(
+                "Setting up [%s] perceptual loss: trunk [%s], v[%s], spatial [%s]"
+                % ("LPIPS" if lpips else "baseline", net, self.version, "on" if spatial else "off")
+            )
+        self.pnet_tune = pnet_tune
+        self.pnet_rand = pnet_rand
+        self.spatial = spatial
+        self.lpips = lpips
+        self.use_dropout = use_dropout
+        self.nonfinite = nonfinite
+        self.scaling_layer = ScalingLayer()
+        self.chns = list(TRUNK_CHANNELS[net_c])
+        self.L = len(self.chns)
+
+        self.net = build_trunk(net_c)
+        if not pnet_rand:
+            from . import weights
+
+            self.net.load_torchvision_features(weights.trunk_state_dict(net_c, path=trunk_path))
+        elif trunk_path is not None:
+            self.net.load_torchvision_features(_read_checkpoint(trunk_path))
+        self.net.requires_grad_(pnet_tune)
+
+        if lpips:
+            lins = [NetLinLayer(c, use_dropout=use_dropout) for c in self.chns]
+            for k, lin in enumerate(lins):
+                setattr(self, f"lin{k}", lin)
+            self.lins = nn.ModuleList(lins)
+            if pretrained:
+                if model_path is None:
+                    from . import weights
+
+                    sd = weights.lin_state_dict(net_c, self.version)
+                    if verbose:
+                        print("Loading model from: packaged lpips v%s %s lin weights" % (self.version, net_c))
+                else:
+                    if verbose:
+                        print("Loading model from: %s" % model_path)
+                    sd = _read_checkpoint(model_path)
+                self._load_lin(sd, source=str(model_path or "packaged weights"))
+        if eval_mode:
+            self.eval()
+
+    # -- weights -------------------------------------------------------------------------
+    def _load_lin(self, sd: Mapping[str, torch.Tensor], source: str) -> None:
+        sd = dict(sd)
+        if not any(k.startswith("lin") for k in sd):
+            raise ValueError(f"model_path: {source} holds no lin{{k}}.model.*.weight keys (got {sorted(sd)[:5]}...)")
+        missing, _ = self.load_state_dict(sd, strict=False)
+        lin_missing = [k for k in missing if k.startswith("lin")]
+        # lins.K and linK share parameters: one of the two spellings is enough.
+        lin_missing = [
+            k for k in lin_missing
+            if not any(alt not in missing for alt in _lin_aliases(k))
+        ]
+        if lin_missing:
+            raise ValueError(f"model_path: {source} lacks lin weights {lin_missing}")
+
+    def lin_weights(self) -> list[torch.Tensor | None]:
+        """Per-layer channel weights (C,) as views of the lin parameters (None when lpips=False)."""
+        if not self.lpips:
+            return [None] * self.L
+        return [lin.weight.view(-1) for lin in self.lins]
+
+    # -- forward pieces (used by the engine and the dataset layer) ------------------------
+    def preprocess(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[0,1] -> [-1,1] if ``normalize``, then the v0.1 scaling layer; gray -> RGB."""
+        if normalize:
+            x = 2 * x - 1
+        if self.version == "0.1":
+            x = self.scaling_layer(x)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x
+
+    def features(self, x: torch.Tensor, normalize: bool = False) -> list[torch.Tensor]:
+        """Trunk taps of one already-validated batch."""
+        with nvtx_range("lpips_fast/preprocess"):
+            x = self.preprocess(x, normalize)
+        with nvtx_range("lpips_fast/trunk"):
+            return self.net(x)
+
+    def distances(
+        self,
+        feats0: list[torch.Tensor],
+        feats1: list[torch.Tensor],
+        out_hw: tuple[int, int] | None = None,
+        retPerLayer: bool = False,
+    ):
+        """Combine per-layer features into the LPIPS value (the reference's forward from step 4 on)."""
+        res = []
+        dropout = self.lpips and self.training and self.use_dropout
+        with nvtx_range("lpips_fast/distance"):
+            for kk, (f0, f1, w) in enumerate(zip(feats0, feats1, self.lin_weights())):
+                if dropout:
+                    # Training the lin layers with dropout: materialise the diff (reference order).
+                    d = self.lins[kk](_unit_diff_sq(f0, f1))
+                    r = d if self.spatial else d.mean([2, 3], keepdim=True)
+                else:
+                    r = lpips_distance(f0, f1, w, spatial=self.spatial)
+                    if not self.spatial:
+                        r = r.view(-1, 1, 1, 1)
+                if self.spatial:
+                    r = F.interpolate(r, size=tuple(out_hw), mode="bilinear", align_corners=False)
+                res.append(r)
+        val = res[0]
+        for r in res[1:]:
+            val = val + r
+        return (val, res) if retPerLayer else val
+
+    def _pair_features(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool):
+        grad_on = torch.is_grad_enabled()
+        trunk_grad = grad_on and any(p.requires_grad for p in self.net.parameters())
+        need0 = grad_on and in0.requires_grad
+        need1 = grad_on and in1.requires_grad
+        n0 = in0.shape[0]
+        if (need0 == need1 or trunk_grad) and in0.dtype == in1.dtype:
+            # One batched trunk pass for both images.
+            x = torch.cat([self.preprocess(in0, normalize), self.preprocess(in1, normalize)])
+            with nvtx_range("lpips_fast/trunk"):
+                outs = self.net(x)
+            return [o[:n0] for o in outs], [o[n0:] for o in outs]
+        # Only one side needs gradients: never pay the trunk's backward for the other one.
+        with torch.set_grad_enabled(need0 or trunk_grad):
+            f0 = self.features(in0, normalize)
+        with torch.set_grad_enabled(need1 or trunk_grad):
+            f1 = self.features(in1, normalize)
+        return f0, f1
+
+    def forward(self, in0: torch.Tensor, in1: torch.Tensor, retPerLayer: bool = False, normalize: bool = False):
+        p = self.scaling_layer.shift
+        in0, in1 = check_image_pair(in0, in1, device=p.device, min_size=self.net.min_size, net=self.pnet_type)
+        if self.nonfinite == "raise":
+            check_finite("in0", in0)
+            check_finite("in1", in1)
+        n = max(in0.shape[0], in1.shape[0]) if 0 not in (in0.shape[0], in1.shape[0]) else 0
+        if n == 0:
+            shape = (0, 1) + (tuple(in0.shape[2:]) if self.spatial else (1, 1))
+            out = in0.new_zeros(shape)
+            return (out, [out.clone() for _ in range(self.L)]) if retPerLayer else out
+        feats0, feats1 = self._pair_features(in0, in1, normalize)
+        return self.distances(feats0, feats1, out_hw=in0.shape[2:], retPerLayer=retPerLayer)
+
+
+def _lin_aliases(key: str) -> list[str]:
+    # lin3.model.1.weight <-> lins.3.model.1.weight
+    head, rest = key.split(".", 1)
+    if head == "lins":
+        k, rest2 = rest.split(".", 1)
+        return [f"lin{k}.{rest2}"]
+    return [f"lins.{head[3:]}.{rest}"]
+
+
+def _unit_diff_sq(f0: torch.Tensor, f1: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    n0 = f0 / (torch.sqrt(torch.sum(f0**2, dim=1, keepdim=True)) + eps)
+    n1 = f1 / (torch.sqrt(torch.sum(f1**2, dim=1, keepdim=True)) + eps)
+    return (n0 - n1) ** 2
