@@ -201,7 +201,7 @@ def download_torchvision(net: str, *, timeout: float | None = None,
     timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
     if log:
         log(f"downloading {url}")
-    tmp_dir = cache_dir() / "tmp"
+    tmp_dir = cached_trunk_path(net).parent
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=filename + ".", suffix=".part", dir=tmp_dir)
     try:
