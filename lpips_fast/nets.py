@@ -104,13 +104,14 @@ def _squeeze11_features() -> list[nn.Module]:
 def _out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
     """Output length of a conv/pool along one axis (PyTorch's formula, dilation 1)."""
     span = size + 2 * padding - kernel
-    if span < 0:
-        return 0
-    n = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
-    # PyTorch's ceil_mode rule: the last window must start inside the (left-padded) input.
-    if ceil_mode and (n - 1) * stride >= size + padding:
-        n -= 1
-    return n
+    if ceil_mode:
+        n = -(-span // stride) + 1
+        # PyTorch's ceil_mode rule: the last window must start inside the (left-padded) input.
+        if (n - 1) * stride >= size + padding:
+            n -= 1
+    else:
+        n = span // stride + 1
+    return max(n, 0)
 
 
 def _module_out_size(m: nn.Module, size: int) -> int:
