@@ -1,0 +1,361 @@
+// Fused LPIPS distance step on the CPU: forward and backward kernels.
+//
+// Per image and pixel p, with x, y the C-vectors of the two feature maps:
+//   a = sqrt(sum_c x_c^2) + eps,  b = sqrt(sum_c y_c^2) + eps   (eps outside the sqrt)
+//   d = sum_c w_c (x_c / a - y_c / b)^2
+// and the (N,) spatial mean or the (N,1,H,W) map of d. The backward gives
+//   dx_k =  g (r_k / a - x_k (sum_c r_c x_c) / (a^2 |x|)),  r_c = 2 w_c (x_c/a - y_c/b)
+//   dy_k = -g (r_k / b - y_k (sum_c r_c y_c) / (b^2 |y|))
+//   dw_c = sum over pixels of g (x_c/a - y_c/b)^2
+// with dx = 0 at pixels where |x| = 0 (and dy = 0 where |y| = 0).
+//
+// Work is split into fixed tiles of PB pixels x all C channels of one image. A tile is read
+// from memory once (any strides: NCHW, channels_last, a stride-0 broadcast batch) into a local
+// [C][PB] buffer in the accumulation type, then every pass runs over that buffer. Tiles do not
+// depend on the thread count, and every cross-tile sum (spatial mean, weight gradient) runs in a
+// fixed order afterwards, so results are bitwise repeatable and thread-count independent.
+//
+// The ops are internal (`lpips_fast::_distance_fwd_cpu`, `lpips_fast::_distance_bwd_cpu`); the
+// public op, its fake kernel and its autograd live in lpips_fast/ops/__init__.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace lpips_fast {
+namespace {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+constexpr int64_t kTileElems = 8192;  // C * PB per tensor: 32 KiB of fp32 per buffer
+constexpr int64_t kChunk = 32;        // channels summed before folding into the total (accuracy)
+
+// A (N, C, P) view of an (N, C, H, W) tensor with H and W walked as one pixel dimension.
+struct Geo {
+  int64_t sn, sc, sp;
+};
+
+// Stride of the flattened pixel dimension, or -1 when H and W cannot be walked as one.
+int64_t pixel_stride(const at::Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  if (H * W <= 1) return 1;
+  if (H == 1) return t.stride(3);
+  if (W == 1) return t.stride(2);
+  if (t.stride(2) == W * t.stride(3)) return t.stride(3);
+  return -1;
+}
+
+at::Tensor walkable(const at::Tensor& t, Geo& g) {
+  at::Tensor u = pixel_stride(t) < 0 ? t.contiguous() : t;
+  g = Geo{u.size(0) > 1 ? u.stride(0) : 0, u.stride(1), pixel_stride(u)};
+  return u;
+}
+
+int64_t tile_pixels(int64_t C, int64_t P) {
+  int64_t pb = std::max<int64_t>(1, kTileElems / std::max<int64_t>(C, 1));
+  pb = std::min<int64_t>(pb, 256);
+  if (pb >= 8) pb -= pb % 8;
+  return std::max<int64_t>(1, std::min(pb, P));
+}
+
+// Gradient layout rule, mirrored by the fake kernel: channels_last when the channel stride is 1.
+at::MemoryFormat grad_format(const at::Tensor& t) {
+  return (t.size(1) > 1 && t.stride(1) == 1) ? at::MemoryFormat::ChannelsLast
+                                             : at::MemoryFormat::Contiguous;
+}
+
+// Copies one tile (pixels p0 .. p0+pb of image n) into buf laid out [C][pb].
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* base, const Geo& g, int64_t C, int64_t pb, acc_t* buf) {
+  if (g.sc == 1 && g.sp != 1) {  // channels_last: each pixel's C-vector is contiguous
+    for (int64_t p = 0; p < pb; ++p) {
+      const scalar_t* src = base + p * g.sp;
+      for (int64_t c = 0; c < C; ++c) buf[c * pb + p] = static_cast<acc_t>(src[c]);
+    }
+  } else if (g.sp == 1) {  // NCHW: pixels contiguous within a channel
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* src = base + c * g.sc;
+      acc_t* dst = buf + c * pb;
+      for (int64_t p = 0; p < pb; ++p) dst[p] = static_cast<acc_t>(src[p]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < pb; ++p) buf[c * pb + p] = static_cast<acc_t>(base[c * g.sc + p * g.sp]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_tile(scalar_t* base, const Geo& g, int64_t C, int64_t pb, const acc_t* buf) {
+  if (g.sc == 1 && g.sp != 1) {
+    for (int64_t p = 0; p < pb; ++p) {
+      scalar_t* dst = base + p * g.sp;
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(buf[c * pb + p]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < pb; ++p) base[c * g.sc + p * g.sp] = static_cast<scalar_t>(buf[c * pb + p]);
+  }
+}
+
+// sum_c buf[c][p]^2 per pixel, in chunks of kChunk channels so that the error grows slowly in C.
+template <typename acc_t>
+void sum_squares(const acc_t* buf, int64_t C, int64_t pb, acc_t* out, acc_t* tmp) {
+  for (int64_t p = 0; p < pb; ++p) out[p] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t c1 = std::min(C, c0 + kChunk);
+    for (int64_t p = 0; p < pb; ++p) tmp[p] = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t* row = buf + c * pb;
+      for (int64_t p = 0; p < pb; ++p) tmp[p] += row[p] * row[p];
+    }
+    for (int64_t p = 0; p < pb; ++p) out[p] += tmp[p];
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& w) {
+  TORCH_CHECK(x.dim() == 4 && y.dim() == 4, "lpips_fast: feat0 and feat1 must be 4-D (N,C,H,W)");
+  TORCH_CHECK(x.sizes() == y.sizes(), "lpips_fast: feat0 ", x.sizes(), " and feat1 ", y.sizes(),
+              " must have the same shape (expand a broadcast batch first)");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "lpips_fast: feat0 and feat1 dtypes differ");
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "lpips_fast: CPU kernel got a non-CPU tensor");
+  if (w.has_value()) {
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(1), "lpips_fast: weight must have shape (C,)");
+    TORCH_CHECK(w->device().is_cpu(), "lpips_fast: weight must be on the CPU");
+  }
+}
+
+template <typename acc_t>
+std::vector<acc_t> weight_vector(const c10::optional<at::Tensor>& w, int64_t C) {
+  std::vector<acc_t> out(C, acc_t(1));
+  if (w.has_value()) {
+    at::Tensor wc = w->to(std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat).contiguous();
+    const acc_t* src = wc.data_ptr<acc_t>();
+    std::copy(src, src + C, out.begin());
+  }
+  return out;
+}
+
+at::Tensor distance_fwd_cpu(const at::Tensor& feat0, const at::Tensor& feat1,
+                            const c10::optional<at::Tensor>& weight, bool spatial, double eps) {
+  check_inputs(feat0, feat1, weight);
+  Geo gx, gy;
+  const at::Tensor x = walkable(feat0, gx);
+  const at::Tensor y = walkable(feat1, gy);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = spatial ? at::empty({N, 1, H, W}, x.options().dtype(acc_dtype))
+                           : at::empty({N}, x.options().dtype(acc_dtype));
+  if (N == 0) return out;
+  if (P == 0) return spatial ? out : out.fill_(NAN);
+  const int64_t PB = tile_pixels(C, P);
+  const int64_t tiles = (P + PB - 1) / PB;
+  const int64_t tasks = N * tiles;
+  std::vector<double> tile_sums(spatial ? 0 : tasks);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lpips_distance_fwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const std::vector<acc_t> wv = weight_vector<acc_t>(weight, C);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    acc_t* op = out.data_ptr<acc_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C * PB, 1));
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB), d(PB);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles, p0 = (t % tiles) * PB, pb = std::min(PB, P - p0);
+        load_tile(xp + n * gx.sn + p0 * gx.sp, gx, C, pb, bx.data());
+        load_tile(yp + n * gy.sn + p0 * gy.sp, gy, C, pb, by.data());
+        sum_squares(bx.data(), C, pb, sx.data(), tmp.data());
+        sum_squares(by.data(), C, pb, sy.data(), tmp.data());
+        for (int64_t p = 0; p < pb; ++p) {
+          sx[p] = acc_t(1) / (std::sqrt(sx[p]) + e);  // now 1/a
+          sy[p] = acc_t(1) / (std::sqrt(sy[p]) + e);  // now 1/b
+          d[p] = 0;
+        }
+        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+          const int64_t c1 = std::min(C, c0 + kChunk);
+          for (int64_t p = 0; p < pb; ++p) tmp[p] = 0;
+          for (int64_t c = c0; c < c1; ++c) {
+            const acc_t* rx = bx.data() + c * pb;
+            const acc_t* ry = by.data() + c * pb;
+            const acc_t wc = wv[c];
+            for (int64_t p = 0; p < pb; ++p) {
+              const acc_t diff = rx[p] * sx[p] - ry[p] * sy[p];
+              tmp[p] += wc * (diff * diff);
+            }
+          }
+          for (int64_t p = 0; p < pb; ++p) d[p] += tmp[p];
+        }
+        if (spatial) {
+          std::copy(d.begin(), d.begin() + pb, op + n * P + p0);
+        } else {
+          double s = 0;
+          for (int64_t p = 0; p < pb; ++p) s += static_cast<double>(d[p]);
+          tile_sums[t] = s;
+        }
+      }
+    });
+    if (!spatial) {
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < tiles; ++k) s += tile_sums[n * tiles + k];
+        op[n] = static_cast<acc_t>(s / static_cast<double>(P));
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
+    const at::Tensor& grad_in, const at::Tensor& feat0, const at::Tensor& feat1,
+    const c10::optional<at::Tensor>& weight, bool spatial, double eps, bool need_x, bool need_y,
+    bool need_w) {
+  check_inputs(feat0, feat1, weight);
+  need_w = need_w && weight.has_value();
+  Geo gx, gy;
+  const at::Tensor x = walkable(feat0, gx);
+  const at::Tensor y = walkable(feat1, gy);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(spatial ? (grad_in.dim() == 4 && grad_in.size(0) == N && grad_in.size(1) == 1 &&
+                         grad_in.size(2) == H && grad_in.size(3) == W)
+                      : (grad_in.dim() == 1 && grad_in.size(0) == N),
+              "lpips_fast: grad has shape ", grad_in.sizes(), ", which does not match the output");
+  // The incoming gradient in the accumulation dtype, walked as (N, P).
+  at::Tensor grad = grad_in.to(acc_dtype);
+  int64_t g_sn = 0, g_sp = 0;
+  if (spatial) {
+    Geo gg;
+    grad = walkable(grad, gg);
+    g_sn = N > 1 ? gg.sn : 0;
+    g_sp = gg.sp;
+  } else {
+    g_sn = grad.stride(0);
+  }
+  at::Tensor dx = need_x ? at::empty(feat0.sizes(), feat0.options().memory_format(grad_format(feat0)))
+                         : at::empty({0}, feat0.options());
+  at::Tensor dy = need_y ? at::empty(feat1.sizes(), feat1.options().memory_format(grad_format(feat1)))
+                         : at::empty({0}, feat1.options());
+  at::Tensor dw = need_w ? at::empty({C}, weight->options()) : at::empty({0}, feat0.options());
+  if (N * P == 0 || !(need_x || need_y || need_w)) {
+    if (need_x) dx.zero_();
+    if (need_y) dy.zero_();
+    if (need_w) dw.zero_();
+    return {dx, dy, dw};
+  }
+  Geo gdx{0, 0, 0}, gdy{0, 0, 0};
+  if (need_x) gdx = Geo{dx.stride(0), dx.stride(1), pixel_stride(dx)};
+  if (need_y) gdy = Geo{dy.stride(0), dy.stride(1), pixel_stride(dy)};
+  const int64_t PB = tile_pixels(C, P);
+  const int64_t tiles = (P + PB - 1) / PB;
+  const int64_t tasks = N * tiles;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lpips_distance_bwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const std::vector<acc_t> wv = weight_vector<acc_t>(weight, C);
+    std::vector<acc_t> dw_part(need_w ? tasks * C : 0);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* dxp = need_x ? dx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dyp = need_y ? dy.data_ptr<scalar_t>() : nullptr;
+    const acc_t* gp = grad.data_ptr<acc_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    const acc_t inv_p = static_cast<acc_t>(1.0 / static_cast<double>(P));
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * PB, 1));
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> bx(C * PB), by(C * PB), nx(PB), ny(PB), ia(PB), ib(PB), tmp(PB), g(PB),
+          dotx(PB), doty(PB);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles, p0 = (t % tiles) * PB, pb = std::min(PB, P - p0);
+        load_tile(xp + n * gx.sn + p0 * gx.sp, gx, C, pb, bx.data());
+        load_tile(yp + n * gy.sn + p0 * gy.sp, gy, C, pb, by.data());
+        sum_squares(bx.data(), C, pb, nx.data(), tmp.data());
+        sum_squares(by.data(), C, pb, ny.data(), tmp.data());
+        for (int64_t p = 0; p < pb; ++p) {
+          nx[p] = std::sqrt(nx[p]);
+          ny[p] = std::sqrt(ny[p]);
+          ia[p] = acc_t(1) / (nx[p] + e);
+          ib[p] = acc_t(1) / (ny[p] + e);
+          g[p] = spatial ? gp[n * g_sn + (p0 + p) * g_sp] : gp[n * g_sn] * inv_p;
+          dotx[p] = 0;
+          doty[p] = 0;
+        }
+        // Pass over the tile: sum_c r_c x_c, sum_c r_c y_c, and the weight-gradient partials.
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* rx = bx.data() + c * pb;
+          const acc_t* ry = by.data() + c * pb;
+          const acc_t w2 = 2 * wv[c];
+          acc_t dwc = 0;
+          for (int64_t p = 0; p < pb; ++p) {
+            const acc_t diff = rx[p] * ia[p] - ry[p] * ib[p];
+            const acc_t r = w2 * diff;
+            dotx[p] += r * rx[p];
+            doty[p] += r * ry[p];
+            dwc += g[p] * (diff * diff);
+          }
+          if (need_w) dw_part[t * C + c] = dwc;
+        }
+        if (!(need_x || need_y)) continue;
+        // Per-pixel coefficients; pixels with a zero feature vector get a zero gradient.
+        for (int64_t p = 0; p < pb; ++p) {
+          dotx[p] = nx[p] > 0 ? dotx[p] * ia[p] * ia[p] / nx[p] : acc_t(0);
+          doty[p] = ny[p] > 0 ? doty[p] * ib[p] * ib[p] / ny[p] : acc_t(0);
+        }
+        // Overwrite the buffers in place with dx and dy, then store them.
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t* rx = bx.data() + c * pb;
+          acc_t* ry = by.data() + c * pb;
+          const acc_t w2 = 2 * wv[c];
+          for (int64_t p = 0; p < pb; ++p) {
+            const acc_t r = w2 * (rx[p] * ia[p] - ry[p] * ib[p]);
+            const acc_t gxv = nx[p] > 0 ? g[p] * (r * ia[p] - rx[p] * dotx[p]) : acc_t(0);
+            const acc_t gyv = ny[p] > 0 ? -g[p] * (r * ib[p] - ry[p] * doty[p]) : acc_t(0);
+            rx[p] = gxv;
+            ry[p] = gyv;
+          }
+        }
+        if (need_x) store_tile(dxp + n * gdx.sn + p0 * gdx.sp, gdx, C, pb, bx.data());
+        if (need_y) store_tile(dyp + n * gdy.sn + p0 * gdy.sp, gdy, C, pb, by.data());
+      }
+    });
+    if (need_w) {
+      std::vector<double> acc(C, 0.0);
+      for (int64_t t = 0; t < tasks; ++t)
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(dw_part[t * C + c]);
+      at::Tensor dw_acc = at::empty({C}, at::TensorOptions().dtype(at::kDouble));
+      std::copy(acc.begin(), acc.end(), dw_acc.data_ptr<double>());
+      dw.copy_(dw_acc);
+    }
+  });
+  return {dx, dy, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lpips_fast, m) {
+  m.def("_distance_fwd_cpu(Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, float eps) -> Tensor");
+  m.def(
+      "_distance_bwd_cpu(Tensor grad, Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, "
+      "float eps, bool need_feat0, bool need_feat1, bool need_weight) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lpips_fast, CPU, m) {
+  m.impl("_distance_fwd_cpu", &distance_fwd_cpu);
+  m.impl("_distance_bwd_cpu", &distance_bwd_cpu);
+}
+
+}  // namespace lpips_fast

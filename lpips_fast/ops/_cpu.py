@@ -1,0 +1,105 @@
+"""Just-in-time build and load of the C++ CPU kernels (csrc/lpips_distance.cpp).
+
+Nothing is built at import. The first CPU call (or ``build_cpu_extension()``, which CI calls
+once to warm the cache) compiles the source with ``torch.utils.cpp_extension.load`` into a build
+directory keyed by the torch version, under ``$LPIPS_FAST_HOME/torch_extensions`` or
+``~/.cache/lpips_fast/torch_extensions``. ``load`` hashes the source and flags, so an edited
+source rebuilds and an unchanged one loads from the cache in well under a second. The library
+registers ``lpips_fast::_distance_fwd_cpu`` / ``_distance_bwd_cpu`` with ``TORCH_LIBRARY``
+(``is_python_module=False``): no pybind11, and only the light ATen / torch/library headers.
+
+If the build or load fails (no compiler, no ninja), :func:`available` returns False and warns
+once; callers then use the pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "build_cpu_extension", "source_path", "build_directory"]
+
+_NAME = "lpips_fast_cpu"
+_SOURCE = "lpips_distance.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {"ok": None, "error": None}
+
+
+def source_path() -> Path:
+    """The C++ source: packaged next to the package (lpips_fast/csrc) or in the repository's csrc/."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "csrc", here.parent.parent / "csrc"):
+        if (cand / _SOURCE).is_file():
+            return cand / _SOURCE
+    raise FileNotFoundError(
+        f"lpips_fast: C++ source {_SOURCE} not found next to the package or in the repository's csrc/"
+    )
+
+
+def build_directory() -> Path:
+    root = os.environ.get("LPIPS_FAST_HOME")
+    base = Path(root) if root else Path.home() / ".cache" / "lpips_fast"
+    tag = "torch" + torch.__version__.replace("+", "_")
+    return base / "torch_extensions" / tag
+
+
+def _kernels_registered() -> bool:
+    try:
+        torch.ops.lpips_fast._distance_fwd_cpu  # noqa: B018 - attribute lookup is the check
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _build(verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    build_dir = build_directory()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=_NAME,
+        sources=[str(source_path())],
+        extra_cflags=["-O3"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def build_cpu_extension(verbose: bool = False) -> Path:
+    """Build (or load from the cache) the C++ kernels now; raises if that fails.
+
+    Returns the build directory. Meant for CI and install scripts:
+    ``python -c "import lpips_fast.ops as o; o.build_cpu_extension()"``.
+    """
+    with _lock:
+        if not _kernels_registered():
+            _build(verbose)
+        _state["ok"], _state["error"] = True, None
+    return build_directory()
+
+
+def available() -> bool:
+    """True once the C++ kernels are loaded; builds them on first call; warns once on failure."""
+    ok = _state["ok"]
+    if ok is not None:
+        return bool(ok)
+    with _lock:
+        if _state["ok"] is None:
+            try:
+                if not _kernels_registered():
+                    _build(verbose=False)
+                _state["ok"] = True
+            except Exception as exc:  # no compiler, no ninja, read-only cache, ...
+                _state["ok"], _state["error"] = False, exc
+                warnings.warn(
+                    "lpips_fast: could not build or load the C++ CPU kernels "
+                    f"({type(exc).__name__}: {exc}); using the slower pure-PyTorch path on the CPU.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return bool(_state["ok"])

@@ -1,0 +1,69 @@
+"""Pure-PyTorch distance: the ``backend="torch"`` path and the fallback when the C++ build fails.
+
+Same math and dtype rules as the fused kernels (fp32 accumulation for fp16/bf16/fp32, fp64 for
+fp64) and the same gradient convention: zero where a feature column is all zero. The reference's
+``x / (sqrt(sum x^2) + eps)`` has a NaN gradient there (d sqrt(s)/ds at s = 0); here the
+per-pixel scale ``1 / (|x| + eps)`` is masked to 0 where |x| = 0 (the forward value is unchanged,
+since x itself is 0 there) and the norm's gradient at 0 is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["distance_torch", "distance_torch_backward", "acc_dtype", "grad_memory_format"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """Layout of the gradient returned for ``t`` (the C++ and Triton kernels use the same rule)."""
+    return torch.channels_last if t.shape[1] > 1 and t.stride(1) == 1 else torch.contiguous_format
+
+
+def _normalized(t: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    scale = torch.where(norm > 0, 1.0 / (norm + eps), torch.zeros_like(norm))
+    return t * scale
+
+
+def distance_torch(
+    feat0: torch.Tensor,
+    feat1: torch.Tensor,
+    weight: torch.Tensor | None,
+    spatial: bool,
+    eps: float,
+) -> torch.Tensor:
+    acc = acc_dtype(feat0.dtype)
+    d = (_normalized(feat0.to(acc), eps) - _normalized(feat1.to(acc), eps)) ** 2
+    if weight is not None:
+        d = d * weight.to(acc).reshape(1, -1, 1, 1)
+    d = d.sum(dim=1, keepdim=True)
+    return d if spatial else d.mean(dim=(2, 3)).reshape(-1)
+
+
+def distance_torch_backward(
+    grad: torch.Tensor,
+    feat0: torch.Tensor,
+    feat1: torch.Tensor,
+    weight: torch.Tensor | None,
+    spatial: bool,
+    eps: float,
+    need_feat0: bool,
+    need_feat1: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients by autograd through :func:`distance_torch`; unneeded ones are empty tensors."""
+    need_weight = need_weight and weight is not None
+    with torch.enable_grad():
+        x = feat0.detach().requires_grad_(need_feat0)
+        y = feat1.detach().requires_grad_(need_feat1)
+        w = weight.detach().requires_grad_(need_weight) if weight is not None else None
+        inputs = [t for t, need in ((x, need_feat0), (y, need_feat1), (w, need_weight)) if need]
+        grads = iter(torch.autograd.grad(distance_torch(x, y, w, spatial, eps), inputs, grad) if inputs else ())
+    dx = next(grads).contiguous(memory_format=grad_memory_format(feat0)) if need_feat0 else feat0.new_empty(0)
+    dy = next(grads).contiguous(memory_format=grad_memory_format(feat1)) if need_feat1 else feat1.new_empty(0)
+    dw = next(grads).contiguous() if need_weight else feat0.new_empty(0)
+    return dx, dy, dw
