@@ -1,0 +1,257 @@
+"""All pairs of N images as one GEMM: ``lpips_fast.all_pairs(images) -> (N, N)``.
+
+Per layer l with channel weights w (1 when ``lpips=False``) and unit-normalised features
+``xhat = x / (sqrt(sum_c x^2) + eps)`` (eps outside the sqrt, exactly as the pairwise op), the
+pairwise LPIPS is
+
+    d(i, j) = sum_l 1/(H_l W_l) sum_p sum_c w_c (xhat_i[c,p] - xhat_j[c,p])^2
+            = A_i + A_j - 2 <s * v_i, v_j>,     A_i = <s * v_i, v_i>
+
+where ``v_i`` is the concatenation over layers of the flattened ``xhat_i`` and ``s`` repeats
+``w_c / (H_l W_l)`` over the pixels. ``|xhat|^2`` is not exactly 1 (the eps), so ``A_i`` is
+computed, never assumed. The trunk runs once per image; the Gram matrix ``(s*V) V^T`` is
+computed block by block in float32 (TF32 off), ``A`` in float64, and ``d`` assembled in float64
+before rounding to float32. Off-diagonal blocks are mirrored, diagonal blocks symmetrised, the
+diagonal set to 0, and values clamped at 0 when every weight is non-negative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["all_pairs", "FeatureRows", "gram_distances", "pair_distances", "flatten_unit_features"]
+
+
+def flatten_unit_features(feats: Sequence[torch.Tensor], eps: float = 1e-10) -> torch.Tensor:
+    """Per-layer (n, C, h, w) features -> (n, K) concatenated ``xhat`` rows (float32)."""
+    rows = []
+    for f in feats:
+        f = f.float()
+        nrm = torch.sqrt(torch.sum(f * f, dim=1, keepdim=True))
+        rows.append((f / (nrm + eps)).reshape(f.shape[0], -1))
+    return torch.cat(rows, dim=1)
+
+
+def column_scale(feats_shapes: Sequence[Sequence[int]], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The (K,) scale ``w_c / (h w)`` per column of ``flatten_unit_features``."""
+    parts = []
+    for shape, w in zip(feats_shapes, weights):
+        c, h, wd = (int(v) for v in shape[-3:])
+        wv = torch.ones(c, dtype=torch.float64) if w is None else w.detach().to("cpu", torch.float64).reshape(-1)
+        parts.append((wv / (h * wd)).repeat_interleave(h * wd))
+    return torch.cat(parts).to(torch.float32)
+
+
+class FeatureRows:
+    """Accumulates ``v_i`` rows image by image (or batch by batch) into one (N, K) matrix."""
+
+    def __init__(self, n: int, weights: Sequence[torch.Tensor | None], eps: float = 1e-10):
+        self.n = n
+        self.weights = list(weights)
+        self.eps = eps
+        self.V: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.filled = torch.zeros(n, dtype=torch.bool)
+
+    def add(self, index: Sequence[int] | torch.Tensor, feats: Sequence[torch.Tensor]) -> None:
+        """``feats``: per-layer (b, C, h, w) (or (C, h, w) for one image) features of ``index``."""
+        feats = [f if f.dim() == 4 else f.unsqueeze(0) for f in feats]
+        rows = flatten_unit_features(feats, self.eps).to("cpu")
+        if self.V is None:
+            self.V = torch.empty(self.n, rows.shape[1], dtype=torch.float32)
+            self.scale = column_scale([f.shape for f in feats], self.weights)
+        elif rows.shape[1] != self.V.shape[1]:
+            raise ValueError("all images must have the same size (use resize)")
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        self.V[idx] = rows
+        self.filled[idx] = True
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    old_p = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.set_float32_matmul_precision(old_p)
+
+
+def _default_block(n: int, k: int, device: torch.device) -> int:
+    budget = (512 if device.type == "cuda" else 256) * 1024**2  # bytes of one row block of V
+    return int(max(16, min(n, budget // max(1, 4 * k), 4096)))
+
+
+def gram_distances(
+    V: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    block_size: int | None = None,
+    out: np.ndarray | torch.Tensor | None = None,
+    clamp: bool = True,
+) -> torch.Tensor | np.ndarray:
+    """(N, N) distances from (N, K) rows ``V`` and the (K,) column scale, block by block.
+
+    ``out`` may be a preallocated (N, N) float32 array (e.g. ``numpy.memmap`` when the matrix does
+    not fit in memory); it is filled and returned.
+    """
+    n, k = V.shape
+    dev = torch.device(device) if device is not None else V.device
+    bs = int(block_size or _default_block(n, k, dev))
+    V = V.float()
+    s = scale.to(torch.float32)
+    A = (V.double() ** 2 * s.double()).sum(1)  # (N,) float64
+    if out is None:
+        out = torch.empty(n, n, dtype=torch.float32)
+    as_np = isinstance(out, np.ndarray)
+    s_dev = s.to(dev)
+    with torch.inference_mode(), _no_tf32():
+        for i0 in range(0, n, bs):
+            i1 = min(n, i0 + bs)
+            Vi = V[i0:i1].to(dev, non_blocking=True)
+            Ui = Vi * s_dev
+            for j0 in range(i0, n, bs):
+                j1 = min(n, j0 + bs)
+                Vj = Vi if j0 == i0 else V[j0:j1].to(dev, non_blocking=True)
+                G = (Ui @ Vj.T).to("cpu", torch.float64)
+                D = A[i0:i1, None] + A[None, j0:j1] - 2.0 * G
+                if j0 == i0:
+                    D = 0.5 * (D + D.T)
+                    D.fill_diagonal_(0.0)
+                if clamp:
+                    D.clamp_(min=0.0)
+                D32 = D.to(torch.float32)
+                if as_np:
+                    out[i0:i1, j0:j1] = D32.numpy()
+                    if j0 != i0:
+                        out[j0:j1, i0:i1] = D32.T.numpy()
+                else:
+                    out[i0:i1, j0:j1] = D32
+                    if j0 != i0:
+                        out[j0:j1, i0:i1] = D32.T
+    return out
+
+
+def pair_distances(V: torch.Tensor, scale: torch.Tensor, i: torch.Tensor, j: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+    """Distances of selected pairs ``(i[k], j[k])`` directly as ``sum_k s_k (v_i - v_j)^2`` (float64)."""
+    i = torch.as_tensor(i, dtype=torch.long)
+    j = torch.as_tensor(j, dtype=torch.long)
+    s = scale.double()
+    out = torch.empty(len(i), dtype=torch.float64)
+    for lo in range(0, len(i), chunk):
+        d = (V[i[lo : lo + chunk]] - V[j[lo : lo + chunk]]).double()
+        out[lo : lo + chunk] = (d * d * s).sum(1)
+    return out
+
+
+def _weights_nonneg(weights) -> bool:
+    return all(w is None or bool((w >= 0).all()) for w in weights)
+
+
+def _as_batches(images, normalize: bool, batch_size: int):
+    """Yield (start, float tensor (b,3,H,W) in [-1,1]) from the accepted image inputs."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images: expected (N, 3, H, W), got shape {tuple(images.shape)}")
+        for lo in range(0, images.shape[0], batch_size):
+            x = images[lo : lo + batch_size]
+            if x.dtype == torch.uint8:
+                x = x.float() / 127.5 - 1.0
+            elif normalize:
+                x = 2 * x - 1
+            yield lo, x
+        return
+    raise TypeError
+
+
+def all_pairs(
+    images,
+    net: str = "alex",
+    version: str = "0.1",
+    *,
+    model=None,
+    lpips: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 64,
+    block_size: int | None = None,
+    normalize: bool = False,
+    resize=None,
+    workers: int = 0,
+    cache=None,
+    out: np.ndarray | None = None,
+) -> torch.Tensor:
+    """LPIPS between all pairs of ``images``: an (N, N) float32 CPU tensor, symmetric, zero diagonal.
+
+    ``images``: an (N, 3, H, W) float tensor in [-1, 1] (``normalize=True`` for [0, 1]), an
+    (N, 3, H, W) uint8 tensor, a list of HxWx3 uint8 arrays, a list of image files or a
+    directory (every image under it, sorted; see ``data.list_images``). All images must have the
+    same size (``resize='HxW'`` resizes files). Files that cannot be decoded raise ValueError
+    (use the CLI's ``allpairs`` for error rows). ``model`` (a ready ``lpips_fast.LPIPS``)
+    overrides ``net``/``version``/``lpips``. ``cache``: a feature-cache directory (files only).
+    Each image goes through the trunk once; the pairs cost one blockwise GEMM (``block_size``
+    rows at a time). Values match pairwise LPIPS within 1e-5.
+    """
+    from .evaluate import Session, _auto_device, build_model
+
+    if model is None:
+        from .model import LPIPS
+
+        model = LPIPS(pretrained=True, net=net, version=version, lpips=lpips)
+    dev = _auto_device(device, model)
+    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
+        from .data import list_images
+
+        root = os.fspath(images)
+        images = [os.path.join(root, p) for p in list_images(root)]
+    sess = Session(build_model(model=model), device=dev, dtype=dtype, batch_size=batch_size, workers=workers, resize=resize, cache=cache)
+    weights = sess.model.lin_weights()
+    if isinstance(images, torch.Tensor):
+        n = images.shape[0]
+        rows = FeatureRows(n, weights)
+        with torch.inference_mode():
+            for lo, x in _as_batches(images, normalize, batch_size):
+                x = x.to(sess.device, sess.dtype)
+                if min(x.shape[-2:]) < sess.min_size:
+                    raise ValueError(
+                        f"images: {x.shape[-2]}x{x.shape[-1]} is smaller than the {sess.net} trunk's minimum of {sess.min_size} pixels"
+                    )
+                rows.add(range(lo, lo + x.shape[0]), sess.model.features(x))
+    else:
+        items = list(images)
+        n = len(items)
+        rows = FeatureRows(n, weights)
+        if n and isinstance(items[0], np.ndarray):
+            from .data import Decoded
+
+            decs = [Decoded(array=np.ascontiguousarray(a, dtype=np.uint8)) for a in items]
+            sizes = {d.hw for d in decs}
+            if len(sizes) > 1:
+                raise ValueError(f"images: all images must have the same size, got {sorted(sizes)}")
+            with torch.inference_mode():
+                for lo in range(0, n, batch_size):
+                    rows.add(range(lo, min(n, lo + batch_size)), sess.features(decs[lo : lo + batch_size]))
+        else:
+            files = [os.fspath(p) for p in items]
+            size = None
+            for idx, d, f in sess.iter_image_features(files, range(n)):
+                if isinstance(f, str):
+                    raise ValueError(f"{files[idx]}: {f}")
+                if size is None:
+                    size = d.hw
+                elif d.hw != size:
+                    raise ValueError(f"{files[idx]}: size {d.hw[0]}x{d.hw[1]} differs from {size[0]}x{size[1]} (use resize='HxW')")
+                rows.add([idx], f)
+    if n == 0:
+        return torch.zeros(0, 0)
+    res = gram_distances(rows.V, rows.scale, device=sess.device, block_size=block_size, out=out, clamp=_weights_nonneg(weights))
+    return res if isinstance(res, np.ndarray) else res

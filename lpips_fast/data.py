@@ -1,0 +1,328 @@
+"""File discovery, decoding in DataLoader workers, error rows and size bucketing.
+
+Everything here works on files and uint8 arrays; nothing here knows about the trunk or the
+distance op. Decoding never raises: a file that cannot be scored becomes a ``Decoded`` with an
+``error`` string, which the evaluation layer turns into an error row.
+
+Decoding rules (documented in the README):
+
+- Pillow decodes every file; grayscale, palette, CMYK and RGBA images are converted to RGB with
+  ``Image.convert("RGB")`` (alpha is dropped, not composited).
+- ``resize=(H, W)`` resizes with Pillow's bicubic filter after the RGB conversion.
+- An image with more pixels than ``max_pixels`` (default: Pillow's ``Image.MAX_IMAGE_PIXELS``,
+  178,956,970) is a decompression-bomb error; Pillow itself only refuses at twice that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PILLOW_MAX_IMAGE_PIXELS",
+    "Decoded",
+    "list_images",
+    "parse_resize",
+    "decode_bytes",
+    "decode_file",
+    "PairSpec",
+    "PairDataset",
+    "ImageDataset",
+    "iter_windows",
+    "bucket_by_size",
+    "to_model_input",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
+)
+
+
+def _pillow_default_max_pixels() -> int:
+    try:
+        from PIL import Image
+
+        return int(Image.MAX_IMAGE_PIXELS or 0) or 178_956_970
+    except Exception:  # pragma: no cover - Pillow is a dependency
+        return 178_956_970
+
+
+#: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) at import time.
+PILLOW_MAX_IMAGE_PIXELS = _pillow_default_max_pixels()
+
+
+@dataclass
+class Decoded:
+    """One decoded image: an HxWx3 uint8 RGB array and a content hash, or an error reason."""
+
+    array: np.ndarray | None = None
+    digest: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def hw(self) -> tuple[int, int] | None:
+        return None if self.array is None else (int(self.array.shape[0]), int(self.array.shape[1]))
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of the image files under ``root`` (recursive, sorted, hidden skipped).
+
+    A file counts as an image by its extension (case-insensitive, ``IMAGE_EXTENSIONS``); its
+    content is only checked when it is decoded.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root}: not a directory")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                out.append(rel.replace(os.sep, "/"))
+    out.sort()
+    return out
+
+
+_RESIZE_RE = re.compile(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$")
+
+
+def parse_resize(text: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"HxW"`` (or ``"N"`` for a square, or a 2-sequence) -> ``(H, W)``; ValueError otherwise."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        h, w = (int(v) for v in text)
+    else:
+        m = _RESIZE_RE.match(text)
+        if m:
+            h, w = int(m.group(1)), int(m.group(2))
+        elif text.strip().isdigit():
+            h = w = int(text)
+        else:
+            raise ValueError(f"resize: got {text!r}, expected HxW such as 256x256")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resize: got {h}x{w}, both sides must be positive")
+    return h, w
+
+
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split())
+
+
+def decode_bytes(
+    data: bytes,
+    *,
+    resize: tuple[int, int] | None = None,
+    max_pixels: int | None = None,
+    digest: str | None = None,
+) -> Decoded:
+    """Decode encoded image bytes to an HxWx3 uint8 RGB array; errors become ``Decoded.error``."""
+    from PIL import Image
+
+    limit = PILLOW_MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and refuses at twice that: refuse at the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = limit
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+                    if w * h > limit:
+                        raise Image.DecompressionBombError(f"{w}x{h}")
+                    im.load()
+                    rgb = im.convert("RGB")
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+            size = f"{w}x{h} = {w * h} pixels"
+        except Exception:
+            size = "too many pixels"
+        return Decoded(error=f"decompression bomb: {size} exceeds the limit of {limit} pixels (Pillow's MAX_IMAGE_PIXELS; see --max-pixels)")
+    except Image.UnidentifiedImageError:
+        return Decoded(error="not an image: Pillow cannot identify the file format")
+    except Exception as e:  # truncated, corrupt, unsupported mode...
+        return Decoded(error=f"decode error: {type(e).__name__}: {_one_line(e)}")
+    if resize is not None:
+        h, w = resize
+        if rgb.size != (w, h):
+            rgb = rgb.resize((w, h), Image.Resampling.BICUBIC)
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr).copy()
+    return Decoded(array=arr, digest=digest)
+
+
+def file_digest(data: bytes) -> str:
+    """Content hash of a file's bytes (BLAKE2b, 128 bits, hex)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def decode_file(
+    path: str | os.PathLike | None,
+    *,
+    resize: tuple[int, int] | None = None,
+    max_pixels: int | None = None,
+    missing: str | None = None,
+) -> Decoded:
+    """Read and decode one file; a missing/unreadable file or a bad image is an error, never raised."""
+    if path is None:
+        return Decoded(error=missing or "missing file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return Decoded(error=missing or "missing file")
+    except OSError as e:
+        return Decoded(error=f"unreadable: {type(e).__name__}: {_one_line(e.strerror or e)}")
+    if not data:
+        return Decoded(error="empty file")
+    return decode_bytes(data, resize=resize, max_pixels=max_pixels, digest=file_digest(data))
+
+
+# -- datasets --------------------------------------------------------------------------------
+
+#: Marker for a pair side that is the fixed reference image (decoded once by the caller).
+REF = "\0ref"
+
+
+@dataclass
+class PairSpec:
+    """One output row to produce: display keys, the files behind them, or a known error."""
+
+    key0: str
+    key1: str
+    file0: str | None
+    file1: str | None
+    error: str | None = None
+
+
+class _DecodeOpts:
+    def __init__(self, resize, max_pixels):
+        self.resize = resize
+        self.max_pixels = max_pixels
+
+
+class PairDataset:
+    """Map-style dataset over ``specs[indices]``: item -> ``(index, Decoded0, Decoded1)``.
+
+    A side whose file is ``REF`` yields ``None`` (the caller holds the reference). A spec with a
+    known ``error`` is not decoded at all.
+    """
+
+    def __init__(self, specs: Sequence[PairSpec], indices: Sequence[int], resize=None, max_pixels=None):
+        self.specs = specs
+        self.indices = list(indices)
+        self.opts = _DecodeOpts(resize, max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _side(self, path: str | None, key: str) -> Decoded | None:
+        if path == REF:
+            return None
+        return decode_file(path, resize=self.opts.resize, max_pixels=self.opts.max_pixels, missing=None)
+
+    def __getitem__(self, i: int):
+        idx = self.indices[i]
+        s = self.specs[idx]
+        if s.error is not None:
+            return idx, None, None
+        return idx, self._side(s.file0, s.key0), self._side(s.file1, s.key1)
+
+
+class ImageDataset:
+    """Map-style dataset over image files: item -> ``(index, Decoded)``."""
+
+    def __init__(self, files: Sequence[str], indices: Sequence[int], resize=None, max_pixels=None):
+        self.files = files
+        self.indices = list(indices)
+        self.opts = _DecodeOpts(resize, max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        idx = self.indices[i]
+        return idx, decode_file(self.files[idx], resize=self.opts.resize, max_pixels=self.opts.max_pixels)
+
+
+def _as_list(batch):
+    return list(batch)
+
+
+def iter_windows(dataset, window: int, workers: int = 0, prefetch: int = 2) -> Iterator[list]:
+    """Decoded items of ``dataset`` in order, ``window`` at a time, decoded in DataLoader workers.
+
+    ``workers=0`` decodes in the calling process (no DataLoader machinery at all).
+    """
+    window = max(1, int(window))
+    n = len(dataset)
+    if workers <= 0 or n == 0:
+        for lo in range(0, n, window):
+            yield [dataset[i] for i in range(lo, min(n, lo + window))]
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        dataset,
+        batch_size=window,
+        shuffle=False,
+        num_workers=min(int(workers), max(1, -(-n // window))),
+        collate_fn=_as_list,
+        prefetch_factor=prefetch,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def bucket_by_size(items, key) -> dict[tuple, list]:
+    """Group ``items`` by ``key(item)`` (e.g. the image size), keeping the input order per group."""
+    out: dict[tuple, list] = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return out
+
+
+_LUT = None
+
+
+def to_model_input(arrays: Sequence[np.ndarray], device, dtype):
+    """Stack HxWx3 uint8 arrays into an (N,3,H,W) tensor in [-1, 1] on ``device``.
+
+    uint8 travels to the device (4x fewer bytes than float32); the conversion uses a 256-entry
+    table equal to the reference's ``im2tensor`` (``x / 127.5 - 1`` in float64, then float32).
+    """
+    import torch
+
+    global _LUT
+    if _LUT is None:
+        _LUT = torch.from_numpy((np.arange(256, dtype=np.float64) / 127.5 - 1.0).astype(np.float32))
+    dev = torch.device(device)
+    x = torch.from_numpy(np.stack(arrays))  # N,H,W,3 uint8
+    if dev.type == "cuda":
+        x = x.pin_memory().to(dev, non_blocking=True)
+    else:
+        x = x.to(dev)
+    lut = _LUT.to(dev)
+    out = lut[x.long()].permute(0, 3, 1, 2).contiguous()
+    return out if dtype in (None, torch.float32) else out.to(dtype)
