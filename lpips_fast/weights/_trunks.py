@@ -16,8 +16,10 @@ Resolution order of :func:`trunk_state_dict` (first hit wins):
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -69,6 +71,12 @@ TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
 DOWNLOAD_TIMEOUT_S = 15.0
 
 _HASH_PREFIX_RE = re.compile(r"-([a-f0-9]+)\.")
+
+# What a failed download can raise: network errors (URLError, timeouts and DNS failures are
+# OSErrors; a truncated HTTP body is an HTTPException), a hash mismatch, or a file that
+# torch.load(weights_only=True) refuses / that holds no trunk weights.
+DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, WeightsIntegrityError, pickle.UnpicklingError,
+                   ValueError, RuntimeError)
 
 
 def cache_dir() -> Path:
@@ -282,10 +290,8 @@ def trunk_state_dict(net: str, path: str | os.PathLike | None = None) -> dict[st
         try:
             download_torchvision(net)
             return _st_load(cpath.read_bytes())
-        except WeightsIntegrityError as e:
-            tried.append(f"download: {e}")
-        except OSError as e:  # URLError, timeouts, DNS failures are OSErrors
-            tried.append(f"download from {TORCHVISION_BASE_URL}{TORCHVISION_FILES[net]}: {e}")
+        except DOWNLOAD_ERRORS as e:
+            tried.append(f"download of {TORCHVISION_FILES[net]}: {type(e).__name__}: {e}")
 
     if net == "squeeze":
         hint = (

@@ -9,8 +9,9 @@ Exit codes:
   with ``--net`` are required; without ``--net``, alex and vgg are required and squeeze (no
   offline source) is reported as unavailable without failing.
 - ``list``: 0 (a listing, whatever it shows), 1 if a file fails its hash.
-- ``verify``: 0 when every file present hashes as expected, 1 when any is bad (a missing trunk
-  is not a failure; ``--require NET`` makes it one).
+- ``verify``: 0 when every file present hashes as expected, 1 when any is bad (including a
+  torchvision hub file whose hash does not match its name) or a packaged lin file is missing.
+  A missing trunk is not a failure; ``--require NET`` makes it one.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     rows = verify()
     _print_rows(rows, args.json)
-    bad = [f"{r['kind']} {r['name']}" for r in rows if r["status"] == "bad"]
+    bad = [f"{r['kind']} {r['name']}" for r in rows
+           if r["status"] == "bad" or (r["kind"] == "lin" and r["status"] != "ok")]
     required = {canonical_net_name(n) for n in (args.require or [])}
     missing = [f"trunk {r['name']}" for r in rows
                if r["kind"] == "trunk" and r["name"] in required and r["status"] != "ok"]
