@@ -1,0 +1,119 @@
+"""--resume: a run killed with SIGKILL mid-way leaves a file that resume completes; partial lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lpips_fast import cli
+from lpips_fast.writers import Row, RowWriter, read_existing
+from test_data_helpers import env, make_flat_dir, reference_model, save_state_dict
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("resume"))
+    d = os.path.join(root, "imgs")
+    make_flat_dir(d, 240)
+    ref, ours = reference_model()
+    sd = save_state_dict(ref, os.path.join(root, "lpips.safetensors"))
+    return {"root": root, "dir": d, "sd": sd, "ours": ours, "ref_img": os.path.join(d, "img000.png")}
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("fmt", ["csv"])
+def test_resume_after_real_sigkill(big, tmp_path, fmt):
+    out = str(tmp_path / f"scores.{fmt}")
+    argv = [
+        sys.executable, "-m", "lpips_fast.cli", "ref", big["ref_img"], big["dir"], "-o", out,
+        "--state-dict", big["sd"], "--batch-size", "1", "--workers", "0", "--device", "cpu", "--quiet",
+    ]
+    p = subprocess.Popen(argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed = False
+    while time.time() < deadline:
+        if p.poll() is not None:
+            break
+        if os.path.exists(out) and os.path.getsize(out) > 0:
+            with open(out, "rb") as f:
+                n = f.read().count(b"\n")
+            if n >= 12:  # header + some rows: kill it mid-run, at an arbitrary moment
+                os.kill(p.pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.005)
+    p.wait(timeout=60)
+    assert killed, f"the run finished before it could be killed (rc={p.returncode}): {p.stderr.read()[-2000:]!r}"
+    p.stderr.close()
+    before = _rows(out) if os.path.getsize(out) else []
+    assert 0 < len(before) < 240
+
+    # resume completes it: every pair exactly once
+    rc = cli.main(["ref", big["ref_img"], big["dir"], "-o", out, "--resume", "--state-dict", big["sd"], "--workers", "0", "--device", "cpu", "--batch-size", "16"])
+    assert rc == 0
+    after = _rows(out)
+    keys = [(r["path0"], r["path1"]) for r in after]
+    assert len(keys) == 240 == len(set(keys))
+    # the rows kept from before the kill are untouched, the values equal a clean run
+    import lpips_fast
+
+    clean = {r.path1: r.lpips for r in lpips_fast.evaluate_ref(big["ref_img"], big["dir"], model=big["ours"], batch_size=32)}
+    for r in after:
+        assert r["error"] == ""
+        assert abs(float(r["lpips"]) - clean[r["path1"]]) < 1e-6
+    kept = {(r["path0"], r["path1"]): r["lpips"] for r in after}
+    for r in before:
+        assert kept[(r["path0"], r["path1"])] == r["lpips"]
+
+
+def test_partial_last_line_is_dropped_and_rescored(tmp_path):
+    for fmt in ("csv", "jsonl"):
+        out = str(tmp_path / f"o.{fmt}")
+        w = RowWriter(out, fmt)
+        w.write([Row("a", "a", 0.25), Row("b", "b", None, "decode error: x, y\nz")])
+        w.close()
+        with open(out, "ab") as f:
+            f.write(b'c,c,0.12' if fmt == "csv" else b'{"path0": "c", "pa')
+        ex = read_existing(out, fmt)
+        assert ex.keys == {("a", "a"), ("b", "b")}
+        assert ex.truncated_bytes > 0
+        assert ex.rows[1].error == "decode error: x, y z"
+        with open(out, "rb") as f:
+            assert f.read().endswith(b"\n")
+        w = RowWriter(out, fmt, append=True)
+        w.write([Row("c", "c", 0.5)])
+        w.close()
+        ex = read_existing(out, fmt)
+        assert [r.key for r in ex.rows] == [("a", "a"), ("b", "b"), ("c", "c")]
+        if fmt == "csv":
+            assert open(out).read().count("path0,path1,lpips,error") == 1
+        else:
+            assert all(json.loads(x) for x in open(out))
+
+
+def test_resume_skips_done_pairs_jsonl(big, tmp_path, capsys):
+    out = str(tmp_path / "s.jsonl")
+    names = sorted(os.listdir(big["dir"]))[:5]
+    # a previous run's rows (with made-up values, to prove they are kept, not recomputed)
+    with open(out, "w") as f:
+        for n in names:
+            f.write(json.dumps({"path0": big["ref_img"], "path1": n, "lpips": 9.0, "error": None}) + "\n")
+        f.write('{"path0": "x"')  # killed mid-line
+    rc = cli.main(["ref", big["ref_img"], big["dir"], "-o", out, "--resume", "--state-dict", big["sd"], "--workers", "0", "--device", "cpu", "--batch-size", "64"])
+    assert rc == 0
+    rows = [json.loads(x) for x in open(out)]
+    assert len(rows) == 240
+    assert [r["lpips"] for r in rows[:5]] == [9.0] * 5
+    s = capsys.readouterr().out
+    assert "count=240" in s and "resumed=5" in s
