@@ -66,6 +66,7 @@ class Decoded:
     array: np.ndarray | None = None
     digest: str | None = None
     error: str | None = None
+    size: tuple[int, int] | None = None  # (H, W), kept when the array is dropped
 
     @property
     def ok(self) -> bool:
@@ -73,7 +74,14 @@ class Decoded:
 
     @property
     def hw(self) -> tuple[int, int] | None:
-        return None if self.array is None else (int(self.array.shape[0]), int(self.array.shape[1]))
+        if self.array is not None:
+            return (int(self.array.shape[0]), int(self.array.shape[1]))
+        return self.size
+
+    def drop_pixels(self) -> None:
+        """Free the pixels once features exist (the size stays known)."""
+        self.size = self.hw
+        self.array = None
 
 
 def list_images(root: str | os.PathLike) -> list[str]:

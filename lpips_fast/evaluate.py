@@ -453,7 +453,7 @@ class Session:
                         yield idx, d, msg
                     continue
                 for (idx, d), f in zip(group, res):
-                    d.array = None  # keep memory bounded: only the features are kept
+                    d.drop_pixels()  # keep memory bounded: only the features are kept
                     yield idx, d, f
 
 
