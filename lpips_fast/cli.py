@@ -160,12 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npy", default=None, metavar="OUT.npy", help="also save the raw (H, W) float32 map")
     p.set_defaults(func=cmd_map)
 
-    try:
-        from lpips_fast.weights.cli import add_weights_parser
-    except ImportError:  # the weights tool is being built in parallel; its module is not there yet
-        add_weights_parser = None
-    if add_weights_parser is not None:
-        add_weights_parser(sub)
+    from lpips_fast.weights.cli import add_weights_parser
+
+    add_weights_parser(sub)
     return parser
 
 
@@ -587,11 +584,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_weights_missing(e: BaseException) -> bool:
-    try:
-        from .weights._files import WeightsError
-    except ImportError:
-        WeightsError = ()
-    return (WeightsError and isinstance(e, WeightsError)) or isinstance(e, FileNotFoundError)
+    from .weights import WeightsError
+
+    return isinstance(e, WeightsError)
 
 
 if __name__ == "__main__":
