@@ -91,7 +91,7 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize", type=_resize, default=None, metavar="HxW", help="resize every image (Pillow bicubic) to HxW before scoring")
     g.add_argument(
         "--max-pixels", type=_positive_int, default=None, metavar="N",
-        help="images with more pixels are decompression-bomb error rows (default: Pillow's MAX_IMAGE_PIXELS, 178956970)",
+        help="images with more pixels are decompression-bomb error rows (default: Pillow's Image.MAX_IMAGE_PIXELS, 89478485)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=["csv", "jsonl"], default=None, help="row format (default: from the -o extension, else csv)")

@@ -10,7 +10,7 @@ Decoding rules (documented in the README):
   ``Image.convert("RGB")`` (alpha is dropped, not composited).
 - ``resize=(H, W)`` resizes with Pillow's bicubic filter after the RGB conversion.
 - An image with more pixels than ``max_pixels`` (default: Pillow's ``Image.MAX_IMAGE_PIXELS``,
-  178,956,970) is a decompression-bomb error; Pillow itself only refuses at twice that.
+  89,478,485) is a decompression-bomb error; Pillow itself only warns there and refuses at twice that.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def _pillow_default_max_pixels() -> int:
     try:
         from PIL import Image
 
-        return int(Image.MAX_IMAGE_PIXELS or 0) or 178_956_970
+        return int(Image.MAX_IMAGE_PIXELS or 0) or 89_478_485
     except Exception:  # pragma: no cover - Pillow is a dependency
-        return 178_956_970
+        return 89_478_485
 
 
 #: Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) at import time.

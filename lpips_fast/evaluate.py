@@ -496,7 +496,7 @@ _API_DOC = """
     model's, else CUDA when available), ``dtype`` (torch dtype or 'float32'/'float16'/'bfloat16'),
     ``batch_size`` (pairs per trunk batch; halved on out-of-memory), ``workers`` (DataLoader
     decoding processes; 0 decodes in this process), ``resize`` ('HxW' or (H, W)), ``max_pixels``
-    (decompression-bomb limit; default Pillow's 178,956,970), ``cache`` (a feature-cache
+    (decompression-bomb limit; default Pillow's MAX_IMAGE_PIXELS, 89,478,485), ``cache`` (a feature-cache
     directory or ``FeatureCache``), ``cache_max_bytes``, ``progress`` (a tqdm bar).
     Returns a list of ``Row(path0, path1, lpips, error)``; ``lpips`` is None on an error row.
 """
