@@ -134,16 +134,18 @@ class PinnedPipeline:
             return
         self._setup()
         pending: collections.deque = collections.deque()
-        with torch.cuda.device(self.device):
-            for k, (img0, img1) in enumerate(batches):
-                img0, img1 = _as_tensor(img0), _as_tensor(img1)
+        for k, (img0, img1) in enumerate(batches):
+            img0, img1 = _as_tensor(img0), _as_tensor(img1)
+            # The device context only around our own calls: never left set while the caller
+            # runs between two yields.
+            with torch.cuda.device(self.device):
                 slot, d0, d1 = self._stage(k, img0, img1)
                 pending.append(self._submit(slot, d0, d1))
-                self.stats["batches"] += 1
-                while len(pending) > self.depth:
-                    yield _finish(*pending.popleft())
-            while pending:
+            self.stats["batches"] += 1
+            while len(pending) > self.depth:
                 yield _finish(*pending.popleft())
+        while pending:
+            yield _finish(*pending.popleft())
 
     def run(self, batches: Iterable[tuple[Any, Any]]) -> torch.Tensor:
         """All distances of ``batches`` concatenated, in order."""
