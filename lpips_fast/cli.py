@@ -85,6 +85,12 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--state-dict", metavar="PATH", default=None, help="a complete LPIPS state dict (reference keys, .safetensors or torch file)")
     g.add_argument("--random-trunk", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--model-seed", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--engine", choices=["auto", "on", "off"], default="auto",
+        help="score pairs with lpips_fast.Engine fed by pinned buffers (CUDA graphs; uint8 over the bus). "
+        "auto: on CUDA without --cache (default: auto)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the trunk in the engine (first batch of each size compiles)")
     g = p.add_argument_group("input")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per batch (default: 32; halved on out-of-memory)")
     g.add_argument("--workers", type=_nonneg_int, default=_default_workers(), help="DataLoader decoding processes (default: %(default)s; 0 decodes in the main process)")
@@ -206,6 +212,7 @@ def _make_session(args, device, ctx):
     return Session(
         model, device=device, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
         resize=args.resize, max_pixels=args.max_pixels, cache=cache, ctx=ctx,
+        engine={"auto": None, "on": True, "off": False}[args.engine], compile=args.compile,
     )
 
 

@@ -185,6 +185,8 @@ class Session:
         max_pixels: int | None = None,
         cache=None,
         ctx: DistContext | None = None,
+        engine: bool | None = None,
+        compile: bool = False,
     ):
         from .nets import canonical_net_name
 
@@ -219,6 +221,52 @@ class Session:
             self.fingerprint = model_fingerprint(model)
         self.stats = SessionStats()
         self._pinned: dict[str, list[torch.Tensor]] = {}
+        # Pairs without cache or reference: on CUDA the Engine (CUDA graphs, uint8 over the bus)
+        # fed by the pinned-buffer pipeline; elsewhere features + op here.
+        self.use_engine = (self.device.type == "cuda" and cache is None) if engine is None else bool(engine)
+        self.compile = bool(compile)
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            from .engine import Engine
+            from .pipeline import PinnedPipeline
+
+            eng = Engine(
+                model=self.model, device=self.device, dtype=self.dtype, compile=self.compile, batch_size=self.batch_size
+            )
+            self._pipe = PinnedPipeline(eng, slots=3)
+        return self._pipe
+
+    def _score_engine(self, group: list) -> list[float]:
+        """Distances of same-size pairs through Engine + PinnedPipeline; OOM halves and retries."""
+        while True:
+            bs = self.batch_size
+            chunks = [group[i : i + bs] for i in range(0, len(group), bs)]
+
+            def batches():
+                for ch in chunks:
+                    a = torch.from_numpy(np.stack([c[1].array for c in ch])).permute(0, 3, 1, 2)
+                    b = torch.from_numpy(np.stack([c[2].array for c in ch])).permute(0, 3, 1, 2)
+                    self.stats.trunk_calls += 1
+                    self.stats.trunk_images += 2 * len(ch)
+                    yield a, b
+
+            try:
+                out: list[float] = []
+                for d in self._pipeline().map(batches()):
+                    out.extend(d.reshape(-1).to(torch.float64).tolist())
+                return out
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                del e
+                self._pipe = None  # its graphs and buffers were sized for the old batch
+                self._free()
+                if bs <= 1:
+                    raise OutOfMemoryAtBatchOne("out of memory even with a batch of 1 pair")
+                self.batch_size = max(1, bs // 2)
+                self.stats.oom_events += 1
 
     # -- features ----------------------------------------------------------------------------
     def _cache_key(self, d: Decoded) -> str | None:
@@ -360,9 +408,10 @@ class Session:
                 d = self.distances([t[:n] for t in f], [t[n:] for t in f])
                 return d.detach().to("cpu", torch.float64).tolist()
 
+        engine = self.use_engine and ref is None
         for _, group in bucket_by_size(good, key=lambda t: t[1].hw).items():
             try:
-                vals = self.run_chunks(group, score)
+                vals = self._score_engine(group) if engine else self.run_chunks(group, score)
             except OutOfMemoryAtBatchOne as e:
                 rows.extend(Row(specs[i].key0, specs[i].key1, None, str(e), i) for i, _, _ in group)
                 continue

@@ -247,3 +247,27 @@ def test_map_writes_heat_picture(world, tmp_path, capsys):
     with torch.no_grad():
         want = ref_sp(lpips.im2tensor(decode_file(a).array), lpips.im2tensor(decode_file(b).array))[0, 0].numpy()
     assert np.abs(m - want).max() < 1e-6
+
+
+def test_engine_path_matches_and_halves_on_oom(world, tmp_path, capsys, monkeypatch):
+    """--engine on (the CUDA default without a cache): Engine fed by PinnedPipeline, CPU here."""
+    from lpips_fast.engine import Engine
+
+    base = str(tmp_path / "base.csv")
+    run(world, "dirs", world["d0"], world["d1"], "-o", base, "--engine", "off")
+    real = Engine.__call__
+
+    def fake_call(self, a, b):
+        if a.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, a, b)
+
+    monkeypatch.setattr(Engine, "__call__", fake_call)
+    out = str(tmp_path / "eng.csv")
+    assert run(world, "dirs", world["d0"], world["d1"], "-o", out, "--engine", "on", "--batch-size", "8") == 3
+    assert "oom_retries=2 batch_size=8->2" in capsys.readouterr().out
+    a, b = read_csv(out), read_csv(base)
+    assert [(r["path0"], r["error"]) for r in a] == [(r["path0"], r["error"]) for r in b]
+    for x, y in zip(a, b):
+        if x["lpips"]:
+            assert abs(float(x["lpips"]) - float(y["lpips"])) < 1e-6
