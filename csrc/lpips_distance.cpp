@@ -9,7 +9,9 @@
 //   dw_c = sum over pixels of g (x_c/a - y_c/b)^2
 // with dx = 0 at pixels where |x| = 0 (and dy = 0 where |y| = 0).
 //
-// Work is split into fixed tiles of PB pixels x all C channels of one image. A tile is read
+// Work is split into fixed tiles of PB columns x all C channels, a column being one pixel of one
+// image (the flattened index n * H * W + p, so that layers with few pixels still give long
+// vectorisable rows). A tile is read
 // from memory once (any strides: NCHW, channels_last, a stride-0 broadcast batch) into a local
 // [C][PB] buffer in the accumulation type, then every pass runs over that buffer. Tiles do not
 // depend on the thread count, and every cross-tile sum (spatial mean, weight gradient) runs in a
@@ -40,7 +42,7 @@ struct AccType<double> {
   using type = double;
 };
 
-constexpr int64_t kTileElems = 8192;  // C * PB per tensor: 32 KiB of fp32 per buffer
+constexpr int64_t kTileElems = 32768;  // C * PB per tensor: 128 KiB of fp32 per buffer (L2)
 constexpr int64_t kChunk = 32;        // channels summed before folding into the total (accuracy)
 
 // A (N, C, P) view of an (N, C, H, W) tensor with H and W walked as one pixel dimension.
@@ -64,11 +66,13 @@ at::Tensor walkable(const at::Tensor& t, Geo& g) {
   return u;
 }
 
-int64_t tile_pixels(int64_t C, int64_t P) {
+// Columns per tile: the flattened (image, pixel) index q = n * P + p is cut into fixed tiles of
+// this many columns, so that layers with few pixels still give long, vectorisable rows.
+int64_t tile_columns(int64_t C, int64_t NP) {
   int64_t pb = std::max<int64_t>(1, kTileElems / std::max<int64_t>(C, 1));
   pb = std::min<int64_t>(pb, 256);
   if (pb >= 8) pb -= pb % 8;
-  return std::max<int64_t>(1, std::min(pb, P));
+  return std::max<int64_t>(1, std::min(pb, NP));
 }
 
 // Gradient layout rule, mirrored by the fake kernel: channels_last when the channel stride is 1.
@@ -77,51 +81,130 @@ at::MemoryFormat grad_format(const at::Tensor& t) {
                                              : at::MemoryFormat::Contiguous;
 }
 
-// Copies one tile (pixels p0 .. p0+pb of image n) into buf laid out [C][pb].
+// Copies `len` pixels of one image (base points at the first) into columns col0.. of buf [C][pb].
 template <typename scalar_t, typename acc_t>
-void load_tile(const scalar_t* base, const Geo& g, int64_t C, int64_t pb, acc_t* buf) {
+void load_run(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t* buf, int64_t pb, int64_t col0) {
   if (g.sc == 1 && g.sp != 1) {  // channels_last: each pixel's C-vector is contiguous
-    for (int64_t p = 0; p < pb; ++p) {
+    for (int64_t p = 0; p < len; ++p) {
       const scalar_t* src = base + p * g.sp;
-      for (int64_t c = 0; c < C; ++c) buf[c * pb + p] = static_cast<acc_t>(src[c]);
+      acc_t* dst = buf + col0 + p;
+      for (int64_t c = 0; c < C; ++c) dst[c * pb] = static_cast<acc_t>(src[c]);
     }
   } else if (g.sp == 1) {  // NCHW: pixels contiguous within a channel
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* src = base + c * g.sc;
-      acc_t* dst = buf + c * pb;
-      for (int64_t p = 0; p < pb; ++p) dst[p] = static_cast<acc_t>(src[p]);
+      acc_t* dst = buf + c * pb + col0;
+      for (int64_t p = 0; p < len; ++p) dst[p] = static_cast<acc_t>(src[p]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t p = 0; p < pb; ++p) buf[c * pb + p] = static_cast<acc_t>(base[c * g.sc + p * g.sp]);
+      for (int64_t p = 0; p < len; ++p) buf[c * pb + col0 + p] = static_cast<acc_t>(base[c * g.sc + p * g.sp]);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void store_tile(scalar_t* base, const Geo& g, int64_t C, int64_t pb, const acc_t* buf) {
+void store_run(scalar_t* base, const Geo& g, int64_t C, int64_t len, const acc_t* buf, int64_t pb, int64_t col0) {
   if (g.sc == 1 && g.sp != 1) {
-    for (int64_t p = 0; p < pb; ++p) {
+    for (int64_t p = 0; p < len; ++p) {
       scalar_t* dst = base + p * g.sp;
-      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(buf[c * pb + p]);
+      const acc_t* src = buf + col0 + p;
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(src[c * pb]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t p = 0; p < pb; ++p) base[c * g.sc + p * g.sp] = static_cast<scalar_t>(buf[c * pb + p]);
+      for (int64_t p = 0; p < len; ++p)
+        base[c * g.sc + p * g.sp] = static_cast<scalar_t>(buf[c * pb + col0 + p]);
+  }
+}
+
+// Calls f(n, p, col, len) for each run of one image's pixels inside tile columns [q0, q0 + pb).
+template <typename F>
+void for_each_run(int64_t q0, int64_t pb, int64_t P, F&& f) {
+  int64_t col = 0;
+  while (col < pb) {
+    const int64_t q = q0 + col, n = q / P, p = q % P;
+    const int64_t len = std::min(pb - col, P - p);
+    f(n, p, col, len);
+    col += len;
   }
 }
 
 // sum_c buf[c][p]^2 per pixel, in chunks of kChunk channels so that the error grows slowly in C.
 template <typename acc_t>
-void sum_squares(const acc_t* buf, int64_t C, int64_t pb, acc_t* out, acc_t* tmp) {
+void sum_squares(const acc_t* __restrict__ buf, int64_t C, int64_t pb, acc_t* __restrict__ out,
+                 acc_t* __restrict__ tmp) {
   for (int64_t p = 0; p < pb; ++p) out[p] = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t c1 = std::min(C, c0 + kChunk);
     for (int64_t p = 0; p < pb; ++p) tmp[p] = 0;
     for (int64_t c = c0; c < c1; ++c) {
-      const acc_t* row = buf + c * pb;
+      const acc_t* __restrict__ row = buf + c * pb;
       for (int64_t p = 0; p < pb; ++p) tmp[p] += row[p] * row[p];
     }
     for (int64_t p = 0; p < pb; ++p) out[p] += tmp[p];
+  }
+}
+
+// d[p] = sum_c w_c (x[c][p] ia[p] - y[c][p] ib[p])^2, chunked like sum_squares.
+template <typename acc_t>
+void weighted_sq_diff(const acc_t* __restrict__ bx, const acc_t* __restrict__ by, const acc_t* __restrict__ wv,
+                      const acc_t* __restrict__ ia, const acc_t* __restrict__ ib, int64_t C, int64_t pb,
+                      acc_t* __restrict__ d, acc_t* __restrict__ tmp) {
+  for (int64_t p = 0; p < pb; ++p) d[p] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t c1 = std::min(C, c0 + kChunk);
+    for (int64_t p = 0; p < pb; ++p) tmp[p] = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t* __restrict__ rx = bx + c * pb;
+      const acc_t* __restrict__ ry = by + c * pb;
+      const acc_t wc = wv[c];
+      for (int64_t p = 0; p < pb; ++p) {
+        const acc_t diff = rx[p] * ia[p] - ry[p] * ib[p];
+        tmp[p] += wc * (diff * diff);
+      }
+    }
+    for (int64_t p = 0; p < pb; ++p) d[p] += tmp[p];
+  }
+}
+
+// Sum of v[0..n) in 8 interleaved lanes (vectorisable without reassociation flags; fixed order).
+template <typename out_t, typename acc_t>
+out_t lane_sum(const acc_t* __restrict__ v, int64_t n) {
+  out_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += v[i + j];
+  for (int j = 0; i < n; ++i, ++j) lane[j] += v[i];
+  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+}
+
+// Backward pass 1 over one channel row: dot products with r = w2 (x ia - y ib), and the
+// per-pixel weight-gradient terms g (x ia - y ib)^2 into e.
+template <typename acc_t>
+void bwd_row_dots(const acc_t* __restrict__ rx, const acc_t* __restrict__ ry, acc_t w2, const acc_t* __restrict__ ia,
+                  const acc_t* __restrict__ ib, const acc_t* __restrict__ g, int64_t pb, acc_t* __restrict__ dotx,
+                  acc_t* __restrict__ doty, acc_t* __restrict__ e) {
+  for (int64_t p = 0; p < pb; ++p) {
+    const acc_t diff = rx[p] * ia[p] - ry[p] * ib[p];
+    const acc_t r = w2 * diff;
+    dotx[p] += r * rx[p];
+    doty[p] += r * ry[p];
+    e[p] = g[p] * (diff * diff);
+  }
+}
+
+// Backward pass 2 over one channel row, in place: x row -> dx row, y row -> dy row.
+// gx, gy are g masked to 0 where |x| = 0 (resp. |y| = 0); cx, cy the per-pixel coefficients.
+template <typename acc_t>
+void bwd_row_grads(acc_t* __restrict__ rx, acc_t* __restrict__ ry, acc_t w2, const acc_t* __restrict__ ia,
+                   const acc_t* __restrict__ ib, const acc_t* __restrict__ gx, const acc_t* __restrict__ gy,
+                   const acc_t* __restrict__ cx, const acc_t* __restrict__ cy, int64_t pb) {
+  for (int64_t p = 0; p < pb; ++p) {
+    const acc_t r = w2 * (rx[p] * ia[p] - ry[p] * ib[p]);
+    const acc_t dx = gx[p] * (r * ia[p] - rx[p] * cx[p]);
+    const acc_t dy = gy[p] * (ry[p] * cy[p] - r * ib[p]);
+    rx[p] = dx;
+    ry[p] = dy;
   }
 }
 
@@ -160,61 +243,41 @@ at::Tensor distance_fwd_cpu(const at::Tensor& feat0, const at::Tensor& feat1,
                            : at::empty({N}, x.options().dtype(acc_dtype));
   if (N == 0) return out;
   if (P == 0) return spatial ? out : out.fill_(NAN);
-  const int64_t PB = tile_pixels(C, P);
-  const int64_t tiles = (P + PB - 1) / PB;
-  const int64_t tasks = N * tiles;
-  std::vector<double> tile_sums(spatial ? 0 : tasks);
+  const int64_t NP = N * P;
+  const int64_t PB = tile_columns(C, NP);
+  const int64_t tasks = (NP + PB - 1) / PB;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lpips_distance_fwd_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const std::vector<acc_t> wv = weight_vector<acc_t>(weight, C);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
-    acc_t* op = out.data_ptr<acc_t>();
+    // The per-pixel map: the output itself when spatial, else a scratch (N*P, 1/C of a feature).
+    std::vector<acc_t> scratch(spatial ? 0 : NP);
+    acc_t* dmap = spatial ? out.data_ptr<acc_t>() : scratch.data();
     const acc_t e = static_cast<acc_t>(eps);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C * PB, 1));
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB), d(PB);
+      std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / tiles, p0 = (t % tiles) * PB, pb = std::min(PB, P - p0);
-        load_tile(xp + n * gx.sn + p0 * gx.sp, gx, C, pb, bx.data());
-        load_tile(yp + n * gy.sn + p0 * gy.sp, gy, C, pb, by.data());
+        const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+        for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+          load_run(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col);
+          load_run(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col);
+        });
         sum_squares(bx.data(), C, pb, sx.data(), tmp.data());
         sum_squares(by.data(), C, pb, sy.data(), tmp.data());
         for (int64_t p = 0; p < pb; ++p) {
           sx[p] = acc_t(1) / (std::sqrt(sx[p]) + e);  // now 1/a
           sy[p] = acc_t(1) / (std::sqrt(sy[p]) + e);  // now 1/b
-          d[p] = 0;
         }
-        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-          const int64_t c1 = std::min(C, c0 + kChunk);
-          for (int64_t p = 0; p < pb; ++p) tmp[p] = 0;
-          for (int64_t c = c0; c < c1; ++c) {
-            const acc_t* rx = bx.data() + c * pb;
-            const acc_t* ry = by.data() + c * pb;
-            const acc_t wc = wv[c];
-            for (int64_t p = 0; p < pb; ++p) {
-              const acc_t diff = rx[p] * sx[p] - ry[p] * sy[p];
-              tmp[p] += wc * (diff * diff);
-            }
-          }
-          for (int64_t p = 0; p < pb; ++p) d[p] += tmp[p];
-        }
-        if (spatial) {
-          std::copy(d.begin(), d.begin() + pb, op + n * P + p0);
-        } else {
-          double s = 0;
-          for (int64_t p = 0; p < pb; ++p) s += static_cast<double>(d[p]);
-          tile_sums[t] = s;
-        }
+        weighted_sq_diff(bx.data(), by.data(), wv.data(), sx.data(), sy.data(), C, pb, dmap + q0, tmp.data());
       }
     });
     if (!spatial) {
-      for (int64_t n = 0; n < N; ++n) {
-        double s = 0;
-        for (int64_t k = 0; k < tiles; ++k) s += tile_sums[n * tiles + k];
-        op[n] = static_cast<acc_t>(s / static_cast<double>(P));
-      }
+      acc_t* op = out.data_ptr<acc_t>();
+      for (int64_t n = 0; n < N; ++n)
+        op[n] = static_cast<acc_t>(lane_sum<double>(dmap + n * P, P) / static_cast<double>(P));
     }
   });
   return out;
@@ -260,9 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
   Geo gdx{0, 0, 0}, gdy{0, 0, 0};
   if (need_x) gdx = Geo{dx.stride(0), dx.stride(1), pixel_stride(dx)};
   if (need_y) gdy = Geo{dy.stride(0), dy.stride(1), pixel_stride(dy)};
-  const int64_t PB = tile_pixels(C, P);
-  const int64_t tiles = (P + PB - 1) / PB;
-  const int64_t tasks = N * tiles;
+  const int64_t NP = N * P;
+  const int64_t PB = tile_columns(C, NP);
+  const int64_t tasks = (NP + PB - 1) / PB;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lpips_distance_bwd_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
@@ -280,9 +343,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
       std::vector<acc_t> bx(C * PB), by(C * PB), nx(PB), ny(PB), ia(PB), ib(PB), tmp(PB), g(PB),
           dotx(PB), doty(PB);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / tiles, p0 = (t % tiles) * PB, pb = std::min(PB, P - p0);
-        load_tile(xp + n * gx.sn + p0 * gx.sp, gx, C, pb, bx.data());
-        load_tile(yp + n * gy.sn + p0 * gy.sp, gy, C, pb, by.data());
+        const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+        for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+          load_run(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col);
+          load_run(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col);
+          for (int64_t j = 0; j < len; ++j)
+            g[col + j] = spatial ? gp[n * g_sn + (p + j) * g_sp] : gp[n * g_sn] * inv_p;
+        });
         sum_squares(bx.data(), C, pb, nx.data(), tmp.data());
         sum_squares(by.data(), C, pb, ny.data(), tmp.data());
         for (int64_t p = 0; p < pb; ++p) {
@@ -290,46 +357,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
           ny[p] = std::sqrt(ny[p]);
           ia[p] = acc_t(1) / (nx[p] + e);
           ib[p] = acc_t(1) / (ny[p] + e);
-          g[p] = spatial ? gp[n * g_sn + (p0 + p) * g_sp] : gp[n * g_sn] * inv_p;
           dotx[p] = 0;
           doty[p] = 0;
         }
         // Pass over the tile: sum_c r_c x_c, sum_c r_c y_c, and the weight-gradient partials.
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t* rx = bx.data() + c * pb;
-          const acc_t* ry = by.data() + c * pb;
-          const acc_t w2 = 2 * wv[c];
-          acc_t dwc = 0;
-          for (int64_t p = 0; p < pb; ++p) {
-            const acc_t diff = rx[p] * ia[p] - ry[p] * ib[p];
-            const acc_t r = w2 * diff;
-            dotx[p] += r * rx[p];
-            doty[p] += r * ry[p];
-            dwc += g[p] * (diff * diff);
-          }
-          if (need_w) dw_part[t * C + c] = dwc;
+          bwd_row_dots(bx.data() + c * pb, by.data() + c * pb, acc_t(2) * wv[c], ia.data(), ib.data(), g.data(), pb,
+                       dotx.data(), doty.data(), tmp.data());
+          if (need_w) dw_part[t * C + c] = lane_sum<acc_t>(tmp.data(), pb);
         }
         if (!(need_x || need_y)) continue;
         // Per-pixel coefficients; pixels with a zero feature vector get a zero gradient.
         for (int64_t p = 0; p < pb; ++p) {
-          dotx[p] = nx[p] > 0 ? dotx[p] * ia[p] * ia[p] / nx[p] : acc_t(0);
-          doty[p] = ny[p] > 0 ? doty[p] * ib[p] * ib[p] / ny[p] : acc_t(0);
+          const bool ax = nx[p] > 0, ay = ny[p] > 0;
+          dotx[p] = ax ? dotx[p] * ia[p] * ia[p] / nx[p] : acc_t(0);
+          doty[p] = ay ? doty[p] * ib[p] * ib[p] / ny[p] : acc_t(0);
+          nx[p] = ax ? g[p] : acc_t(0);  // now g masked by |x| > 0
+          ny[p] = ay ? g[p] : acc_t(0);  // now g masked by |y| > 0
         }
         // Overwrite the buffers in place with dx and dy, then store them.
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t* rx = bx.data() + c * pb;
-          acc_t* ry = by.data() + c * pb;
-          const acc_t w2 = 2 * wv[c];
-          for (int64_t p = 0; p < pb; ++p) {
-            const acc_t r = w2 * (rx[p] * ia[p] - ry[p] * ib[p]);
-            const acc_t gxv = nx[p] > 0 ? g[p] * (r * ia[p] - rx[p] * dotx[p]) : acc_t(0);
-            const acc_t gyv = ny[p] > 0 ? -g[p] * (r * ib[p] - ry[p] * doty[p]) : acc_t(0);
-            rx[p] = gxv;
-            ry[p] = gyv;
-          }
-        }
-        if (need_x) store_tile(dxp + n * gdx.sn + p0 * gdx.sp, gdx, C, pb, bx.data());
-        if (need_y) store_tile(dyp + n * gdy.sn + p0 * gdy.sp, gdy, C, pb, by.data());
+        for (int64_t c = 0; c < C; ++c)
+          bwd_row_grads(bx.data() + c * pb, by.data() + c * pb, acc_t(2) * wv[c], ia.data(), ib.data(), nx.data(),
+                        ny.data(), dotx.data(), doty.data(), pb);
+        for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+          if (need_x) store_run(dxp + n * gdx.sn + p * gdx.sp, gdx, C, len, bx.data(), pb, col);
+          if (need_y) store_run(dyp + n * gdy.sn + p * gdy.sp, gdy, C, len, by.data(), pb, col);
+        });
       }
     });
     if (need_w) {

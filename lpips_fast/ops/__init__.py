@@ -129,11 +129,13 @@ _distance_cpu.register_autograd(_make_backward(_distance_cpu_backward), setup_co
 _triton_mod = None
 
 
-def _triton():
+def _triton_ops():
     """The Triton op module, imported on first use (importing triton costs ~0.3 s)."""
     global _triton_mod
     if _triton_mod is None:
-        from . import _triton as mod
+        import importlib
+
+        mod = importlib.import_module(__name__ + "._triton")
 
         _triton_mod = mod
     return _triton_mod
@@ -195,6 +197,10 @@ def _validate(feat0, feat1, weight, spatial, eps, backend) -> None:
         raise ValueError(f"lpips_distance: backend 'cpp' needs CPU tensors, got device {feat0.device}")
 
 
+def _requires_grad(feat0: torch.Tensor, feat1: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    return feat0.requires_grad or feat1.requires_grad or (weight is not None and weight.requires_grad)
+
+
 def lpips_distance(
     feat0: torch.Tensor,
     feat1: torch.Tensor,
@@ -234,7 +240,15 @@ def lpips_distance(
         device_type = feat0.device.type
         backend = "cpp" if device_type == "cpu" else "triton" if device_type == "cuda" else "torch"
     if backend == "cpp":
+        if (
+            not (torch.is_grad_enabled() and _requires_grad(feat0, feat1, weight))
+            and not torch.compiler.is_compiling()
+            and _cpu.available()
+        ):
+            # Inference fast path: straight to the C++ kernel, skipping the Python layers of the
+            # custom op (~15 us a call, a third of a small layer). Same kernel, same numbers.
+            return torch.ops.lpips_fast._distance_fwd_cpu(feat0, feat1, weight, spatial, eps)
         return torch.ops.lpips_fast.distance_cpu(feat0, feat1, weight, spatial, eps)
     if backend == "triton":
-        return _triton().distance_triton(feat0, feat1, weight, spatial, eps)
+        return _triton_ops().distance_triton(feat0, feat1, weight, spatial, eps)
     return _eager.distance_torch(feat0, feat1, weight, spatial, eps)

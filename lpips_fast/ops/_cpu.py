@@ -47,6 +47,19 @@ def build_directory() -> Path:
     return base / "torch_extensions" / tag
 
 
+def _cflags() -> list[str]:
+    """-O3, plus AVX2/FMA when this machine has them (the cache is per machine and per flags)."""
+    flags = ["-O3"]
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags
+    words = set(cpuinfo.split())
+    if {"avx2", "fma"} <= words:
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
 def _kernels_registered() -> bool:
     try:
         torch.ops.lpips_fast._distance_fwd_cpu  # noqa: B018 - attribute lookup is the check
@@ -63,7 +76,7 @@ def _build(verbose: bool) -> None:
     cpp_extension.load(
         name=_NAME,
         sources=[str(source_path())],
-        extra_cflags=["-O3"],
+        extra_cflags=_cflags(),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
