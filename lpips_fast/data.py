@@ -67,6 +67,7 @@ class Decoded:
     digest: str | None = None
     error: str | None = None
     size: tuple[int, int] | None = None  # (H, W), kept when the array is dropped
+    path: str | None = None  # where it came from (to decode later when decoding was skipped)
 
     @property
     def ok(self) -> bool:
@@ -191,8 +192,13 @@ def decode_file(
     resize: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     missing: str | None = None,
+    probe=None,
 ) -> Decoded:
-    """Read and decode one file; a missing/unreadable file or a bad image is an error, never raised."""
+    """Read and decode one file; a missing/unreadable file or a bad image is an error, never raised.
+
+    ``probe(digest, (H, W)) -> bool``: when it says the file's features are cached, the pixels
+    are not decoded (``Decoded.array`` is None, ``size`` and ``digest`` are set).
+    """
     if path is None:
         return Decoded(error=missing or "missing file")
     try:
@@ -204,7 +210,35 @@ def decode_file(
         return Decoded(error=f"unreadable: {type(e).__name__}: {_one_line(e.strerror or e)}")
     if not data:
         return Decoded(error="empty file")
-    return decode_bytes(data, resize=resize, max_pixels=max_pixels, digest=file_digest(data))
+    digest = file_digest(data)
+    if probe is not None:
+        hw = _cached_size(data, digest, resize, max_pixels, probe)
+        if hw is not None:  # the features are in the cache: skip decoding the pixels
+            return Decoded(digest=digest, size=hw, path=os.fspath(path))
+    d = decode_bytes(data, resize=resize, max_pixels=max_pixels, digest=digest)
+    d.path = os.fspath(path)
+    return d
+
+
+def _cached_size(data: bytes, digest: str, resize, max_pixels, probe) -> tuple[int, int] | None:
+    """(H, W) the decoded image would have, if ``probe(digest, (H, W))`` says it is cached."""
+    from PIL import Image
+
+    limit = PILLOW_MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:  # header only
+                w, h = im.size
+    except Exception:
+        return None
+    if w * h > limit:
+        return None  # let the full decode report the bomb
+    hw = tuple(resize) if resize is not None else (h, w)
+    try:
+        return hw if probe(digest, hw) else None
+    except Exception:
+        return None
 
 
 # -- datasets --------------------------------------------------------------------------------
@@ -225,9 +259,10 @@ class PairSpec:
 
 
 class _DecodeOpts:
-    def __init__(self, resize, max_pixels):
+    def __init__(self, resize, max_pixels, probe=None):
         self.resize = resize
         self.max_pixels = max_pixels
+        self.probe = probe
 
 
 class PairDataset:
@@ -237,10 +272,10 @@ class PairDataset:
     known ``error`` is not decoded at all.
     """
 
-    def __init__(self, specs: Sequence[PairSpec], indices: Sequence[int], resize=None, max_pixels=None):
+    def __init__(self, specs: Sequence[PairSpec], indices: Sequence[int], resize=None, max_pixels=None, probe=None):
         self.specs = specs
         self.indices = list(indices)
-        self.opts = _DecodeOpts(resize, max_pixels)
+        self.opts = _DecodeOpts(resize, max_pixels, probe)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -248,7 +283,7 @@ class PairDataset:
     def _side(self, path: str | None, key: str) -> Decoded | None:
         if path == REF:
             return None
-        return decode_file(path, resize=self.opts.resize, max_pixels=self.opts.max_pixels, missing=None)
+        return decode_file(path, resize=self.opts.resize, max_pixels=self.opts.max_pixels, probe=self.opts.probe)
 
     def __getitem__(self, i: int):
         idx = self.indices[i]
@@ -261,17 +296,17 @@ class PairDataset:
 class ImageDataset:
     """Map-style dataset over image files: item -> ``(index, Decoded)``."""
 
-    def __init__(self, files: Sequence[str], indices: Sequence[int], resize=None, max_pixels=None):
+    def __init__(self, files: Sequence[str], indices: Sequence[int], resize=None, max_pixels=None, probe=None):
         self.files = files
         self.indices = list(indices)
-        self.opts = _DecodeOpts(resize, max_pixels)
+        self.opts = _DecodeOpts(resize, max_pixels, probe)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         idx = self.indices[i]
-        return idx, decode_file(self.files[idx], resize=self.opts.resize, max_pixels=self.opts.max_pixels)
+        return idx, decode_file(self.files[idx], resize=self.opts.resize, max_pixels=self.opts.max_pixels, probe=self.opts.probe)
 
 
 def _as_list(batch):

@@ -223,7 +223,7 @@ class Session:
         self._pinned: dict[str, list[torch.Tensor]] = {}
         # Pairs without cache or reference: on CUDA the Engine (CUDA graphs, uint8 over the bus)
         # fed by the pinned-buffer pipeline; elsewhere features + op here.
-        self.use_engine = (self.device.type == "cuda" and cache is None) if engine is None else bool(engine)
+        self.use_engine = cache is None and (self.device.type == "cuda" if engine is None else bool(engine))
         self.compile = bool(compile)
         self._pipe = None
 
@@ -305,6 +305,9 @@ class Session:
             self.stats.cache_hits = self.cache.hits
             self.stats.cache_misses = self.cache.misses
         miss = [k for k in need if k not in have]
+        for k in miss:
+            if first[k].array is None:  # decoding was skipped for a cache hit that has gone since
+                first[k] = self._redecode(first[k])
         if miss:
             out = self._trunk([first[k].array for k in miss])
             if len(miss) == len(ids) and not have:
@@ -317,6 +320,20 @@ class Session:
             if self.cache is not None:
                 self._cache_put(miss, ckeys, out)
         return [torch.stack([have[k][l] for k in ids]) for l in range(len(have[ids[0]]))]
+
+    def _redecode(self, d: Decoded) -> Decoded:
+        nd = decode_file(d.path, resize=self.resize, max_pixels=self.max_pixels)
+        if nd.error is not None or nd.hw != d.hw:
+            raise RuntimeError(f"{d.path}: changed during the run ({nd.error or 'new size'})")
+        return nd
+
+    def _probe(self):
+        """For decoding workers: skip the pixels of files whose features are cached."""
+        if self.cache is None:
+            return None
+        from .feature_cache import CacheProbe
+
+        return CacheProbe(self.cache.root, self.net, self.version, self.dtype, self.fingerprint)
 
     def _cache_put(self, miss, ckeys, out) -> None:
         items = {}
@@ -460,7 +477,7 @@ class Session:
         window = self.initial_batch_size
         mine_idx = shard(todo, ctx)
         rounds = windows_per_rank(len(todo), window, ctx)
-        ds = PairDataset(specs, mine_idx, resize=self.resize, max_pixels=self.max_pixels)
+        ds = PairDataset(specs, mine_idx, resize=self.resize, max_pixels=self.max_pixels, probe=self._probe())
         it = iter(iter_windows(ds, window, self.workers))
         for _ in range(rounds):
             items = next(it, [])
@@ -477,7 +494,7 @@ class Session:
     # -- single images (all pairs) -----------------------------------------------------------
     def iter_image_features(self, files: Sequence[str], indices: Sequence[int]) -> Iterator[tuple[int, Decoded, list | str]]:
         """``(index, decoded, features-on-CPU or error reason)`` for each image of ``indices``."""
-        ds = ImageDataset(files, indices, resize=self.resize, max_pixels=self.max_pixels)
+        ds = ImageDataset(files, indices, resize=self.resize, max_pixels=self.max_pixels, probe=self._probe())
         for items in iter_windows(ds, self.initial_batch_size, self.workers):
             ok = []
             for idx, d in items:

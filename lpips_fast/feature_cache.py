@@ -29,7 +29,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["FeatureCache", "feature_key", "model_fingerprint", "parse_size"]
+__all__ = ["FeatureCache", "CacheProbe", "feature_key", "model_fingerprint", "parse_size"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
@@ -231,3 +231,27 @@ class FeatureCache:
         d["_conn"] = None
         d["_pid"] = None
         return d
+
+
+class CacheProbe:
+    """Picklable ``probe(digest, (H, W)) -> bool`` for decoding workers: are these features cached?
+
+    Each process opens its own read connection; a stale answer only costs a decode later.
+    """
+
+    def __init__(self, root: str, net: str, version: str, dtype, fingerprint: str):
+        self.root = os.fspath(root)
+        self.args = (net, version, dtype, fingerprint)
+        self._conn = None
+        self._pid = None
+
+    def __call__(self, digest: str, hw) -> bool:
+        net, version, dtype, fp = self.args
+        key = feature_key(digest, net, version, hw, dtype, fp)
+        if self._conn is None or self._pid != os.getpid():
+            self._conn = sqlite3.connect(os.path.join(self.root, "index.sqlite"), timeout=10.0, check_same_thread=False)
+            self._pid = os.getpid()
+        return self._conn.execute("SELECT 1 FROM entries WHERE key=?", (key,)).fetchone() is not None
+
+    def __getstate__(self):
+        return {"root": self.root, "args": self.args, "_conn": None, "_pid": None}

@@ -29,7 +29,12 @@ def _count_trunk(model):
     return seen, h
 
 
-def test_second_run_skips_the_trunk(world, tmp_path):
+def test_second_run_skips_the_trunk(world, tmp_path, monkeypatch):
+    import lpips_fast.data as data
+
+    decodes = []
+    real_decode = data.decode_bytes
+    monkeypatch.setattr(data, "decode_bytes", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
     model = world["ours"]
     cache = str(tmp_path / "fc")
     seen, h = _count_trunk(model)
@@ -39,6 +44,8 @@ def test_second_run_skips_the_trunk(world, tmp_path):
         t1 = time.perf_counter()
         n_first = sum(seen)
         seen.clear()
+        n_decodes = len(decodes)
+        decodes.clear()
         second = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, cache=cache, batch_size=4)
         t2 = time.perf_counter()
         n_second = sum(seen)
@@ -46,6 +53,10 @@ def test_second_run_skips_the_trunk(world, tmp_path):
         h.remove()
     assert n_first == 12  # 6 scoreable pairs, two images each
     assert n_second == 0
+    # Cached files are not even decoded (their header is read): the first run decodes 17 of the 18
+    # files (d0/corrupt.png repeats astronaut.png's bytes, cached a window earlier); the second
+    # only the 4 whose features were never computed (corrupt, truncated, both mismatch.png).
+    assert (n_decodes, len(decodes)) == (17, 4)
     assert [(r.path0, r.lpips, r.error) for r in first] == [(r.path0, r.lpips, r.error) for r in second]
     print(f"cache: first run {t1 - t0:.3f}s, second run {t2 - t1:.3f}s (trunk skipped)")
     # ref: the reference's features come from the cache too
@@ -141,3 +152,20 @@ def test_several_processes_share_a_cache(tmp_path):
     for k in range(15):
         assert torch.equal(got[f"w1-{k}"][0], _feats(100 + k)[0])
         assert torch.equal(got[f"shared-{k}"][1], _feats(k)[1])
+
+
+def test_hit_evicted_after_the_probe_is_decoded_again(world, tmp_path):
+    """Workers skip decoding cached files; if the shard is gone by scoring time, decode then."""
+    model = world["ours"]
+    cache = str(tmp_path / "fc")
+    first = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, cache=cache, batch_size=4)
+    c = FeatureCache(cache)
+    for f in os.listdir(c.shard_dir):  # the index still lists them: the probe says "cached"
+        os.unlink(os.path.join(c.shard_dir, f))
+    seen, h = _count_trunk(model)
+    try:
+        again = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, cache=cache, batch_size=4)
+    finally:
+        h.remove()
+    assert sum(seen) == 12
+    assert [(r.path0, r.lpips, r.error) for r in first] == [(r.path0, r.lpips, r.error) for r in again]
