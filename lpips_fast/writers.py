@@ -137,7 +137,7 @@ def read_existing(path: str, fmt: str) -> ExistingRows:
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return out
     out.truncated_bytes = _truncate_partial_tail(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         if fmt == "csv":
             reader = csv.reader(f)
             header = next(reader, None)
@@ -190,7 +190,7 @@ class RowWriter:
             need_header = True
         else:
             exists = append and os.path.exists(path) and os.path.getsize(path) > 0
-            self._f = open(path, "a" if append else "w", newline="", encoding="utf-8")
+            self._f = open(path, "a" if append else "w", newline="", encoding="utf-8", errors="surrogateescape")
             self._own = True
             need_header = not exists
         self._csv = csv.writer(self._f, lineterminator="\n") if fmt == "csv" else None
