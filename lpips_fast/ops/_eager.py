@@ -55,15 +55,31 @@ def distance_torch_backward(
     need_feat1: bool,
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients by autograd through :func:`distance_torch`; unneeded ones are empty tensors."""
+    """The fused kernels' backward formula in eager ops; unneeded gradients are empty tensors.
+
+    (Explicit rather than autograd: it runs inside a custom op's backward, below autograd.)
+    """
     need_weight = need_weight and weight is not None
-    with torch.enable_grad():
-        x = feat0.detach().requires_grad_(need_feat0)
-        y = feat1.detach().requires_grad_(need_feat1)
-        w = weight.detach().requires_grad_(need_weight) if weight is not None else None
-        inputs = [t for t, need in ((x, need_feat0), (y, need_feat1), (w, need_weight)) if need]
-        grads = iter(torch.autograd.grad(distance_torch(x, y, w, spatial, eps), inputs, grad) if inputs else ())
-    dx = next(grads).contiguous(memory_format=grad_memory_format(feat0)) if need_feat0 else feat0.new_empty(0)
-    dy = next(grads).contiguous(memory_format=grad_memory_format(feat1)) if need_feat1 else feat1.new_empty(0)
-    dw = next(grads).contiguous() if need_weight else feat0.new_empty(0)
+    acc = acc_dtype(feat0.dtype)
+    x, y = feat0.to(acc), feat1.to(acc)
+    nx = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    ny = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    ia, ib = 1.0 / (nx + eps), 1.0 / (ny + eps)
+    diff = x * ia - y * ib
+    g = grad.to(acc)
+    if not spatial:
+        g = (g / (x.shape[2] * x.shape[3])).reshape(-1, 1, 1, 1)
+    r = 2.0 * diff if weight is None else 2.0 * weight.to(acc).reshape(1, -1, 1, 1) * diff
+
+    def one(t, n, inv, sign):
+        alive = n > 0
+        coef = (r * t).sum(dim=1, keepdim=True) * inv * inv / torch.where(alive, n, torch.ones_like(n))
+        d = sign * torch.where(alive, g, torch.zeros_like(g)) * (r * inv - t * coef)
+        return d
+
+    dx = one(x, nx, ia, 1.0).to(feat0.dtype) if need_feat0 else None
+    dy = one(y, ny, ib, -1.0).to(feat1.dtype) if need_feat1 else None
+    dw = (g * diff * diff).sum(dim=(0, 2, 3)).to(weight.dtype) if need_weight else feat0.new_empty(0)
+    dx = dx.contiguous(memory_format=grad_memory_format(feat0)) if need_feat0 else feat0.new_empty(0)
+    dy = dy.contiguous(memory_format=grad_memory_format(feat1)) if need_feat1 else feat1.new_empty(0)
     return dx, dy, dw
