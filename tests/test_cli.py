@@ -271,3 +271,27 @@ def test_engine_path_matches_and_halves_on_oom(world, tmp_path, capsys, monkeypa
     for x, y in zip(a, b):
         if x["lpips"]:
             assert abs(float(x["lpips"]) - float(y["lpips"])) < 1e-6
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+    import types
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    fake = types.SimpleNamespace(main=True, args=types.SimpleNamespace(quiet=False))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert cli._Run.progress(fake, 10) is None  # not a terminal
+    monkeypatch.setattr(sys, "stderr", Tty())
+    bar = cli._Run.progress(fake, 10)
+    assert bar is not None
+    bar.update(10)
+    bar.close()
+    assert "10/10" in sys.stderr.getvalue()
+    fake.args.quiet = True
+    assert cli._Run.progress(fake, 10) is None  # --quiet
+    fake.args.quiet, fake.main = False, False
+    assert cli._Run.progress(fake, 10) is None  # not rank 0
