@@ -330,10 +330,21 @@ def cmd_pair(args) -> int:
     from .evaluate import pair_specs
     from .writers import RowWriter, format_from_path
 
+    from .writers import read_existing
+
     _check_resume(args)
+    specs = pair_specs([(args.path0, args.path1)])
+    if args.resume and os.path.exists(args.output):
+        done = {r.key: r for r in read_existing(args.output, format_from_path(args.output, args.format)).rows}
+        row = done.get((args.path0, args.path1))
+        if row is not None:  # already scored: report it, write nothing
+            if row.error is not None:
+                print(f"lpips-fast pair: error: {row.error}", file=sys.stderr)
+                return EXIT_ERROR_ROWS
+            print(repr(float(row.lpips)))
+            return EXIT_OK
     run = _Run(args)
     try:
-        specs = pair_specs([(args.path0, args.path1)])
         rows = [r for rs in run.session.iter_pairs(specs) for r in rs]
         if not run.main:
             return EXIT_OK

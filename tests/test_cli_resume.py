@@ -117,3 +117,14 @@ def test_resume_skips_done_pairs_jsonl(big, tmp_path, capsys):
     assert [r["lpips"] for r in rows[:5]] == [9.0] * 5
     s = capsys.readouterr().out
     assert "count=240" in s and "resumed=5" in s
+
+
+def test_pair_resume_reuses_the_row(big, tmp_path, capsys):
+    a, b = big["ref_img"], os.path.join(big["dir"], "img001.png")
+    out = str(tmp_path / "p.csv")
+    common = ["--state-dict", big["sd"], "--workers", "0", "--device", "cpu"]
+    assert cli.main(["pair", a, b, "-o", out, *common]) == 0
+    first = capsys.readouterr().out
+    assert cli.main(["pair", a, b, "-o", out, "--resume", *common]) == 0
+    assert capsys.readouterr().out == first
+    assert len(_rows(out)) == 1

@@ -135,3 +135,11 @@ def test_cli_with_decoding_workers(tmp_path):
         assert cli.main(["dirs", d0, d1, "-o", out, "--workers", w, "--state-dict", sd, "--device", "cpu", "--batch-size", "3"]) == 3
         outs.append(open(out).read())
     assert outs[0] == outs[1]
+
+
+def test_list_images_survives_a_symlink_loop(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    files = list_images(tmp_path)
+    assert "a/x.png" in files and len(files) < 5
