@@ -42,29 +42,31 @@ def _lpips_fwd_kernel(
     HAS_W: tl.constexpr, SPATIAL: tl.constexpr, IS_F64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    # Tiles are [BLOCK_P pixels, BLOCK_C channels]: channel sums run along the last axis (under
+    # the interpreter that is numpy's pairwise summation, as accurate as the GPU's tree sum).
     pid = tl.program_id(0).to(tl.int64)
     n = pid // n_pblocks
     offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     mask_c = offs_c < C
     mask_p = offs_p < P
-    mask = mask_c[:, None] & mask_p[None, :]
-    x = tl.load(X + n * sxn + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0)
-    y = tl.load(Y + n * syn + offs_c[:, None] * syc + offs_p[None, :] * syp, mask=mask, other=0.0)
+    mask = mask_p[:, None] & mask_c[None, :]
+    x = tl.load(X + n * sxn + offs_p[:, None] * sxp + offs_c[None, :] * sxc, mask=mask, other=0.0)
+    y = tl.load(Y + n * syn + offs_p[:, None] * syp + offs_c[None, :] * syc, mask=mask, other=0.0)
     if IS_F64:
         x = x.to(tl.float64)
         y = y.to(tl.float64)
     else:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
-    ia = 1.0 / (tl.sqrt(tl.sum(x * x, axis=0)) + eps)
-    ib = 1.0 / (tl.sqrt(tl.sum(y * y, axis=0)) + eps)
-    diff = x * ia[None, :] - y * ib[None, :]
+    ia = 1.0 / (tl.sqrt(tl.sum(x * x, axis=1)) + eps)
+    ib = 1.0 / (tl.sqrt(tl.sum(y * y, axis=1)) + eps)
+    diff = x * ia[:, None] - y * ib[:, None]
     d2 = diff * diff
     if HAS_W:
         w = tl.load(Wt + offs_c, mask=mask_c, other=0.0)
-        d2 = d2 * w[:, None]
-    d = tl.sum(d2, axis=0)
+        d2 = d2 * w[None, :]
+    d = tl.sum(d2, axis=1)
     if SPATIAL:
         tl.store(OUT + n * P + offs_p, d, mask=mask_p)
     else:
@@ -87,9 +89,9 @@ def _lpips_bwd_kernel(
     offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     mask_c = offs_c < C
     mask_p = offs_p < P
-    mask = mask_c[:, None] & mask_p[None, :]
-    x = tl.load(X + n * sxn + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0)
-    y = tl.load(Y + n * syn + offs_c[:, None] * syc + offs_p[None, :] * syp, mask=mask, other=0.0)
+    mask = mask_p[:, None] & mask_c[None, :]
+    x = tl.load(X + n * sxn + offs_p[:, None] * sxp + offs_c[None, :] * sxc, mask=mask, other=0.0)
+    y = tl.load(Y + n * syn + offs_p[:, None] * syp + offs_c[None, :] * syc, mask=mask, other=0.0)
     if IS_F64:
         x = x.to(tl.float64)
         y = y.to(tl.float64)
@@ -100,36 +102,36 @@ def _lpips_bwd_kernel(
         g = tl.load(G + n * gsn + offs_p * gsp, mask=mask_p, other=0.0).to(x.dtype)
     else:
         g = tl.where(mask_p, tl.load(G + n * gsn).to(x.dtype) / P, 0.0)
-    nx = tl.sqrt(tl.sum(x * x, axis=0))
-    ny = tl.sqrt(tl.sum(y * y, axis=0))
+    nx = tl.sqrt(tl.sum(x * x, axis=1))
+    ny = tl.sqrt(tl.sum(y * y, axis=1))
     ia = 1.0 / (nx + eps)
     ib = 1.0 / (ny + eps)
-    diff = x * ia[None, :] - y * ib[None, :]
+    diff = x * ia[:, None] - y * ib[:, None]
     if HAS_W:
         w = tl.load(Wt + offs_c, mask=mask_c, other=0.0)
-        r = (2.0 * w)[:, None] * diff
+        r = (2.0 * w)[None, :] * diff
     else:
         r = 2.0 * diff
     if NEED_DW:
-        dwp = tl.sum(g[None, :] * (diff * diff), axis=1)
+        dwp = tl.sum(g[:, None] * (diff * diff), axis=0)
         tl.store(DWP + pid * C + offs_c, dwp, mask=mask_c)
     if NEED_DX:
         alive = nx > 0
-        coef = tl.where(alive, tl.sum(r * x, axis=0) * ia * ia / tl.where(alive, nx, 1.0), 0.0)
+        coef = tl.where(alive, tl.sum(r * x, axis=1) * ia * ia / tl.where(alive, nx, 1.0), 0.0)
         gx = tl.where(alive, g, 0.0)
-        dx = gx[None, :] * (r * ia[None, :] - x * coef[None, :])
+        dx = gx[:, None] * (r * ia[:, None] - x * coef[:, None])
         tl.store(
-            DX + n * dxn + offs_c[:, None] * dxc + offs_p[None, :] * dxp,
+            DX + n * dxn + offs_p[:, None] * dxp + offs_c[None, :] * dxc,
             dx.to(DX.dtype.element_ty),
             mask=mask,
         )
     if NEED_DY:
         alive_y = ny > 0
-        coef_y = tl.where(alive_y, tl.sum(r * y, axis=0) * ib * ib / tl.where(alive_y, ny, 1.0), 0.0)
+        coef_y = tl.where(alive_y, tl.sum(r * y, axis=1) * ib * ib / tl.where(alive_y, ny, 1.0), 0.0)
         gy = tl.where(alive_y, g, 0.0)
-        dy = -gy[None, :] * (r * ib[None, :] - y * coef_y[None, :])
+        dy = gy[:, None] * (y * coef_y[:, None] - r * ib[:, None])
         tl.store(
-            DY + n * dyn + offs_c[:, None] * dyc + offs_p[None, :] * dyp,
+            DY + n * dyn + offs_p[:, None] * dyp + offs_c[None, :] * dyc,
             dy.to(DY.dtype.element_ty),
             mask=mask,
         )
