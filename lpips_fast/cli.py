@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--pairs", type=_positive_int, default=None, metavar="N", help="score N random distinct pairs instead of all")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pairs (default: 0)")
-    p.add_argument("--matrix", default=None, metavar="OUT.npy", help="save the (N, N) float32 matrix (rows in sorted path order, listed in OUT.paths.txt; NaN for error images)")
+    p.add_argument("--matrix", default=None, metavar="OUT.npy", help="save the (M, M) float32 matrix of the M scored images (order listed in OUT.paths.txt; written block by block to a memory-mapped .npy)")
     p.add_argument("-o", "--output", default=None, help="write one row per pair (default: only the summary)")
     p.set_defaults(func=cmd_allpairs)
 
@@ -440,7 +440,18 @@ def cmd_allpairs(args) -> int:
         m = len(ok_idx)
         weights = sess.model.lin_weights()
         ok_set = set(ok_idx)
-        V = torch.stack([v for idx, hw, v in got if idx in ok_set]) if m else None
+        V = None
+        if m:
+            # fill one (m, K) buffer, dropping each image's row as it is copied (no 2x peak)
+            k_cols = next(v for idx, _, v in got if idx in ok_set).numel()
+            V = torch.empty(m, k_cols)
+            t = 0
+            for k, (idx, hw, v) in enumerate(got):
+                if idx in ok_set:
+                    V[t] = v
+                    t += 1
+                    got[k] = (idx, hw, None)
+        del parts, mine
         scale = column_scale(shapes[major], weights) if m else None
 
         from .writers import ExistingRows, RowWriter, format_from_path, read_existing
@@ -482,15 +493,15 @@ def cmd_allpairs(args) -> int:
                             for t in range(lo, min(k, lo + step))
                         ])
                 else:
-                    D = gram_distances(V, scale, device=sess.device, clamp=_weights_nonneg(weights))
+                    out = None
                     if args.matrix:
-                        full = np.full((n, n), np.nan, dtype=np.float32)
-                        pi = np.asarray(ok_idx)
-                        full[np.ix_(pi, pi)] = D.numpy()
-                        np.save(args.matrix, full)
-                        with open(os.path.splitext(args.matrix)[0] + ".paths.txt", "w", encoding="utf-8") as f:
-                            f.write("".join(r + "\n" for r in rels))
-                    Dn = D.numpy()
+                        # written in place, block by block (a memory-mapped .npy): the matrix
+                        # never has to fit in memory
+                        out = np.lib.format.open_memmap(args.matrix, mode="w+", dtype=np.float32, shape=(m, m))
+                        with open(os.path.splitext(args.matrix)[0] + ".paths.txt", "w", encoding="utf-8", errors="surrogateescape") as f:
+                            f.write("".join(rels[i] + "\n" for i in ok_idx))
+                    D = gram_distances(V, scale, device=sess.device, clamp=_weights_nonneg(weights), out=out)
+                    Dn = D if isinstance(D, np.ndarray) else D.numpy()
                     batch = []
                     for i in range(m):
                         ri = rels[ok_idx[i]]
@@ -499,6 +510,8 @@ def cmd_allpairs(args) -> int:
                             emit(batch)
                             batch = []
                     emit(batch)
+                    if isinstance(Dn, np.memmap):
+                        Dn.flush()
         finally:
             if writer is not None:
                 writer.close()
