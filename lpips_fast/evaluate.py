@@ -530,6 +530,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 def _session(
     net, version, model, device, dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes, ctx=None
 ) -> Session:
+    if ctx == "env":
+        from .distributed import init_from_env
+
+        ctx, dev = init_from_env(None if device is None else str(device))
+        device = dev if ctx.enabled else device
     m = build_model(net, version, model=model)
     if isinstance(cache, (str, os.PathLike)):
         from .feature_cache import FeatureCache
@@ -563,7 +568,9 @@ _API_DOC = """
     ``batch_size`` (pairs per trunk batch; halved on out-of-memory), ``workers`` (DataLoader
     decoding processes; 0 decodes in this process), ``resize`` ('HxW' or (H, W)), ``max_pixels``
     (decompression-bomb limit; default Pillow's MAX_IMAGE_PIXELS, 89,478,485), ``cache`` (a feature-cache
-    directory or ``FeatureCache``), ``cache_max_bytes``, ``progress`` (a tqdm bar).
+    directory or ``FeatureCache``), ``cache_max_bytes``, ``progress`` (a tqdm bar),
+    ``distributed`` (under torchrun: join the process group from the environment and shard the
+    pairs; rank 0 gets every row, the other ranks an empty list).
     Returns a list of ``Row(path0, path1, lpips, error)``; ``lpips`` is None on an error row.
 """
 
@@ -583,8 +590,12 @@ def evaluate_pairs(
     cache=None,
     cache_max_bytes: int | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> list[Row]:
-    s = _session(net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes)
+    s = _session(
+        net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes,
+        ctx="env" if distributed else None,
+    )
     return _collect(s, pair_specs(pairs), progress=progress)
 
 
@@ -604,8 +615,12 @@ def evaluate_dirs(
     cache=None,
     cache_max_bytes: int | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> list[Row]:
-    s = _session(net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes)
+    s = _session(
+        net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes,
+        ctx="env" if distributed else None,
+    )
     return _collect(s, dir_specs(os.fspath(dir0), os.fspath(dir1)), progress=progress)
 
 
@@ -625,8 +640,12 @@ def evaluate_ref(
     cache=None,
     cache_max_bytes: int | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> list[Row]:
-    s = _session(net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes)
+    s = _session(
+        net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes,
+        ctx="env" if distributed else None,
+    )
     ref = os.fspath(ref)
     return _collect(s, ref_specs(ref, os.fspath(directory)), ref_file=ref, progress=progress)
 

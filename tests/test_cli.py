@@ -295,3 +295,13 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     assert cli._Run.progress(fake, 10) is None  # --quiet
     fake.args.quiet, fake.main = False, False
     assert cli._Run.progress(fake, 10) is None  # not rank 0
+
+
+def test_random_trunk_is_seeded(world, capsys):
+    a = os.path.join(world["d0"], "coffee.jpg")
+    b = os.path.join(world["d1"], "coffee.jpg")
+    vals = []
+    for seed in ("3", "3", "4"):
+        assert cli.main(["pair", a, b, "--random-trunk", "--model-seed", seed, "--workers", "0", "--device", "cpu"]) == 0
+        vals.append(float(capsys.readouterr().out))
+    assert vals[0] == vals[1] != vals[2]

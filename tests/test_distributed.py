@@ -92,3 +92,36 @@ def test_torchrun_allpairs_equal_one(world, tmp_path):
     assert a.shape == b.shape == (9, 9)
     assert np.abs(a - b).max() <= 1e-6
     assert open(s_mat[:-4] + ".paths.txt").read() == open(m_mat[:-4] + ".paths.txt").read()
+
+
+_API_SCRIPT = """
+import json, os, sys
+import lpips_fast
+from lpips_fast.evaluate import build_model
+m = build_model(state_dict=sys.argv[3])
+rows = lpips_fast.evaluate_dirs(sys.argv[1], sys.argv[2], model=m, device="cpu", batch_size=2, distributed=True)
+with open(sys.argv[4] + os.environ["RANK"], "w") as f:
+    json.dump([r.as_dict() for r in rows], f)
+"""
+
+
+def test_evaluate_api_under_torchrun(world, tmp_path):
+    import json
+
+    import lpips_fast
+    from lpips_fast.evaluate import build_model
+
+    script = tmp_path / "api.py"
+    script.write_text(_API_SCRIPT)
+    outp = str(tmp_path / "rank")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), world["d0"], world["d1"], world["sd"], outp]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = json.load(open(outp + "0")), json.load(open(outp + "1"))
+    assert r1 == [] and len(r0) == 11
+    single = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=build_model(state_dict=world["sd"]), device="cpu")
+    for a, b in zip(r0, single):
+        assert (a["path0"], a["error"]) == (b.path0, b.error)
+        assert (a["lpips"] is None) == (b.lpips is None)
+        if b.lpips is not None:
+            assert abs(a["lpips"] - b.lpips) <= 1e-6
