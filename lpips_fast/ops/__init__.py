@@ -135,9 +135,13 @@ def _triton_ops():
     if _triton_mod is None:
         import importlib
 
-        mod = importlib.import_module(__name__ + "._triton")
-
-        _triton_mod = mod
+        try:
+            _triton_mod = importlib.import_module(__name__ + "._triton")
+        except ImportError as exc:
+            raise RuntimeError(
+                f"lpips_distance: backend 'triton' needs the triton package ({exc}); "
+                "use backend='cpp' or 'torch' on the CPU"
+            ) from exc
     return _triton_mod
 
 

@@ -12,6 +12,7 @@ kernels. No ``from __future__ import annotations`` here: the ops' schemas are in
 annotations, and some torch versions ignore ``triton_op(schema=...)``.
 """
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -166,6 +167,11 @@ def _config(c: int, p: int) -> Tuple[int, int, int]:
     return block_c, block_p, warps
 
 
+def _device_ctx(t: torch.Tensor):
+    """Launch on the tensor's GPU (not whichever is current); nothing to do for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _weight_arg(weight: Optional[torch.Tensor], acc: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     return weight.to(acc).contiguous() if weight is not None else like
 
@@ -181,13 +187,15 @@ def _forward(feat0, feat1, weight, spatial, eps):
     block_c, block_p, warps = _config(c, p)
     n_pblocks = triton.cdiv(p, block_p)
     out = x.new_empty((n, 1, h, w) if spatial else (n * n_pblocks,), dtype=acc)
-    wrap_triton(_lpips_fwd_kernel)[(n * n_pblocks,)](
-        x, y, _weight_arg(weight, acc, x), out, c, p, n_pblocks,
-        *_nps(x), *_nps(y),
-        eps,
-        HAS_W=weight is not None, SPATIAL=spatial, IS_F64=acc == torch.float64,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
-    )  # fmt: skip
+    wt = _weight_arg(weight, acc, x)
+    with _device_ctx(x):
+        wrap_triton(_lpips_fwd_kernel)[(n * n_pblocks,)](
+            x, y, wt, out, c, p, n_pblocks,
+            *_nps(x), *_nps(y),
+            eps,
+            HAS_W=weight is not None, SPATIAL=spatial, IS_F64=acc == torch.float64,
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+        )  # fmt: skip
     if spatial:
         return out
     return out.view(n, n_pblocks).sum(dim=1) / p
@@ -219,16 +227,18 @@ def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, 
         g_sn, g_sp = (g.stride(0) if n > 1 else 0), _pixel_stride(g)
     else:
         g, g_sn, g_sp = grad, grad.stride(0), 0
-    wrap_triton(_lpips_bwd_kernel)[(programs,)](
-        g, x, y, _weight_arg(weight, acc, x), dx if need_feat0 else x, dy if need_feat1 else y, dwp,
-        c, p, n_pblocks,
-        *_nps(x), *_nps(y),
-        *(_nps(dx) if need_feat0 else (0, 0, 0)), *(_nps(dy) if need_feat1 else (0, 0, 0)),
-        g_sn, g_sp, eps,
-        HAS_W=weight is not None, SPATIAL=spatial, IS_F64=acc == torch.float64,
-        NEED_DX=need_feat0, NEED_DY=need_feat1, NEED_DW=need_weight,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
-    )  # fmt: skip
+    wt = _weight_arg(weight, acc, x)
+    with _device_ctx(x):
+        wrap_triton(_lpips_bwd_kernel)[(programs,)](
+            g, x, y, wt, dx if need_feat0 else x, dy if need_feat1 else y, dwp,
+            c, p, n_pblocks,
+            *_nps(x), *_nps(y),
+            *(_nps(dx) if need_feat0 else (0, 0, 0)), *(_nps(dy) if need_feat1 else (0, 0, 0)),
+            g_sn, g_sp, eps,
+            HAS_W=weight is not None, SPATIAL=spatial, IS_F64=acc == torch.float64,
+            NEED_DX=need_feat0, NEED_DY=need_feat1, NEED_DW=need_weight,
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
+        )  # fmt: skip
     dw = dwp.sum(dim=0).to(weight.dtype) if need_weight else feat0.new_empty(0)
     return dx, dy, dw
 
