@@ -262,8 +262,25 @@ def _open_output(args, run: _Run, *, stdout_default: bool):
 
 
 def _check_resume(args):
-    if args.resume and getattr(args, "output", None) in (None, "-"):
+    """Output checks before any work: --resume needs -o; -o must be writable; a resumed file
+    must be one of ours in the chosen format (checked here so every rank agrees)."""
+    out = getattr(args, "output", None)
+    if args.resume and out in (None, "-"):
         raise UsageError("--resume needs -o OUT (the file to complete)")
+    if out in (None, "-"):
+        return
+    if os.path.isdir(out):
+        raise UsageError(f"-o {out}: is a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"-o {out}: the folder {parent} does not exist")
+    if args.resume and os.path.exists(out):
+        from .writers import format_from_path, looks_like
+
+        fmt = format_from_path(out, args.format)
+        problem = looks_like(out, fmt)
+        if problem:
+            raise UsageError(f"--resume -o {out}: {problem}")
 
 
 def _score_specs(args, specs, *, ref_file=None) -> int:

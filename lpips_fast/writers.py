@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, TextIO
 
-__all__ = ["Row", "COLUMNS", "RowWriter", "read_existing", "format_from_path", "Stats", "ExistingRows"]
+__all__ = ["Row", "COLUMNS", "RowWriter", "read_existing", "looks_like", "format_from_path", "Stats", "ExistingRows"]
 
 COLUMNS = ("path0", "path1", "lpips", "error")
 
@@ -125,6 +125,22 @@ def _truncate_partial_tail(path: str) -> int:
             pos = lo
         f.truncate(keep)
         return size - keep
+
+
+def looks_like(path: str, fmt: str) -> str | None:
+    """None if ``path`` is empty or starts like an lpips-fast ``fmt`` file, else what is wrong."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.strip():
+        return None
+    first = head.split(b"\n", 1)[0]
+    if fmt == "csv":
+        if first.startswith(b"path0,path1,lpips,error") or (b"\n" not in head and b"path0,path1,lpips,error".startswith(first)):
+            return None
+        return f"the file does not start with the csv header {','.join(COLUMNS)} (wrong --format?)"
+    if first.startswith(b"{"):
+        return None
+    return "the file is not JSON Lines (wrong --format?)"
 
 
 def read_existing(path: str, fmt: str) -> ExistingRows:

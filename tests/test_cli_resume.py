@@ -128,3 +128,17 @@ def test_pair_resume_reuses_the_row(big, tmp_path, capsys):
     assert cli.main(["pair", a, b, "-o", out, "--resume", *common]) == 0
     assert capsys.readouterr().out == first
     assert len(_rows(out)) == 1
+
+
+def test_output_problems_are_usage_errors(big, tmp_path, capsys):
+    common = ["--state-dict", big["sd"], "--workers", "0", "--device", "cpu"]
+    jl = tmp_path / "x.jsonl"
+    jl.write_text('{"path0": "a", "path1": "b", "lpips": 0.1, "error": null}\n')
+    assert cli.main(["ref", big["ref_img"], big["dir"], "-o", str(jl), "--resume", "--format", "csv", *common]) == 2
+    assert "wrong --format" in capsys.readouterr().err
+    assert cli.main(["ref", big["ref_img"], big["dir"], "-o", str(tmp_path), *common]) == 2
+    assert cli.main(["ref", big["ref_img"], big["dir"], "-o", str(tmp_path / "no" / "x.csv"), *common]) == 2
+    part = tmp_path / "h.csv"
+    part.write_text("path0,pa")  # killed while writing the header: still resumable
+    assert cli.main(["ref", big["ref_img"], big["dir"], "-o", str(part), "--resume", *common]) == 0
+    assert len(_rows(str(part))) == 240
