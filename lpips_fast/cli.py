@@ -361,6 +361,8 @@ def cmd_pair(args) -> int:
             print(repr(float(row.lpips)))
             return EXIT_OK
     run = _Run(args)
+    if args.engine == "auto":
+        run.session.use_engine = False  # one pair: capturing CUDA graphs would cost more than it saves
     try:
         rows = [r for rs in run.session.iter_pairs(specs) for r in rs]
         if not run.main:
