@@ -373,5 +373,5 @@ def to_model_input(arrays: Sequence[np.ndarray], device, dtype):
     else:
         x = x.to(dev)
     lut = _LUT.to(dev)
-    out = lut[x.long()].permute(0, 3, 1, 2).contiguous()
+    out = lut.index_select(0, x.reshape(-1).to(torch.int32)).view(x.shape).permute(0, 3, 1, 2).contiguous()
     return out if dtype in (None, torch.float32) else out.to(dtype)
