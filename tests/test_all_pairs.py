@@ -148,3 +148,16 @@ def test_sample_pairs_are_distinct_and_in_range():
         i, j = cli._sample_pairs(n, k, seed=1)
         assert len(i) == k and (i < j).all() and (j < n).all() and (i >= 0).all()
         assert len(set(zip(i.tolist(), j.tolist()))) == k
+
+
+def test_lpips_fast_all_pairs_is_callable_after_importing_the_module():
+    """``import lpips_fast.all_pairs`` binds the package attribute to the module: still callable."""
+    import importlib
+    import sys
+
+    mod = importlib.import_module("lpips_fast.all_pairs")
+    assert callable(mod) and callable(lpips_fast.all_pairs)
+    assert sys.modules["lpips_fast.all_pairs"] is mod
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+    ref, ours = reference_model()
+    assert torch.equal(mod(x, model=ours), mod.all_pairs(x, model=ours))
