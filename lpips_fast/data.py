@@ -7,7 +7,8 @@ distance op. Decoding never raises: a file that cannot be scored becomes a ``Dec
 Decoding rules (documented in the README):
 
 - Pillow decodes every file; grayscale, palette, CMYK and RGBA images are converted to RGB with
-  ``Image.convert("RGB")`` (alpha is dropped, not composited).
+  ``Image.convert("RGB")`` (alpha is dropped, not composited); 16-bit grayscale is scaled to
+  8 bits (``/ 257``), not clipped.
 - ``resize=(H, W)`` resizes with Pillow's bicubic filter after the RGB conversion.
 - An image with more pixels than ``max_pixels`` (default: Pillow's ``Image.MAX_IMAGE_PIXELS``,
   89,478,485) is a decompression-bomb error; Pillow itself only warns there and refuses at twice that.
@@ -162,7 +163,7 @@ def decode_bytes(
                     if w * h > limit:
                         raise Image.DecompressionBombError(f"{w}x{h}")
                     im.load()
-                    rgb = im.convert("RGB")
+                    rgb = _to_rgb(im)
             finally:
                 Image.MAX_IMAGE_PIXELS = old
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -185,6 +186,21 @@ def decode_bytes(
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr).copy()
     return Decoded(array=arr, digest=digest)
+
+
+def _to_rgb(im):
+    """Pillow image -> RGB. 16-bit grayscale (``I;16*``, or ``I`` holding 0..65535) is scaled to
+    8 bits (``/ 257``) instead of Pillow's clipping; every other mode uses ``convert("RGB")``."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        hi = float(a.max()) if a.size else 0.0
+        if im.mode.startswith("I;16") or hi > 255:
+            a = a / 257.0
+        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), "RGB")
+    return im.convert("RGB")
 
 
 def file_digest(data: bytes) -> str:

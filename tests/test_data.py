@@ -143,3 +143,12 @@ def test_list_images_survives_a_symlink_loop(tmp_path):
     os.symlink(tmp_path, tmp_path / "a" / "loop")
     files = list_images(tmp_path)
     assert "a/x.png" in files and len(files) < 5
+
+
+def test_16_bit_gray_is_scaled_not_clipped():
+    g16 = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(g16).save(buf, format="PNG")
+    d = decode_bytes(buf.getvalue())
+    assert d.ok and d.array.shape == (48, 64, 3)
+    assert np.array_equal(d.array[..., 0], np.round(g16 / 257.0).astype(np.uint8))
