@@ -117,6 +117,36 @@ void store_run(scalar_t* base, const Geo& g, int64_t C, int64_t len, const acc_t
   }
 }
 
+// NCHW rows: copies one channel row of a run and adds its squares to tmp (one pass, restrict).
+template <typename scalar_t, typename acc_t>
+void copy_row_sq(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, acc_t* __restrict__ tmp, int64_t len) {
+  for (int64_t p = 0; p < len; ++p) {
+    const acc_t v = static_cast<acc_t>(src[p]);
+    dst[p] = v;
+    tmp[p] += v * v;
+  }
+}
+
+// load_run that also writes sum_c v^2 per column into sq (same chunked order as sum_squares, so
+// bitwise the same), saving a pass over the tile. Only for NCHW runs; returns false (and only
+// loads) for other layouts, after which the caller runs sum_squares.
+template <typename scalar_t, typename acc_t>
+bool load_run_sq(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t* buf, int64_t pb, int64_t col0,
+                 acc_t* sq, acc_t* tmp) {
+  if (g.sp != 1) {
+    load_run(base, g, C, len, buf, pb, col0);
+    return false;
+  }
+  for (int64_t p = 0; p < len; ++p) sq[col0 + p] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t c1 = std::min(C, c0 + kChunk);
+    for (int64_t p = 0; p < len; ++p) tmp[p] = 0;
+    for (int64_t c = c0; c < c1; ++c) copy_row_sq(base + c * g.sc, buf + c * pb + col0, tmp, len);
+    for (int64_t p = 0; p < len; ++p) sq[col0 + p] += tmp[p];
+  }
+  return true;
+}
+
 // Calls f(n, p, col, len) for each run of one image's pixels inside tile columns [q0, q0 + pb).
 template <typename F>
 void for_each_run(int64_t q0, int64_t pb, int64_t P, F&& f) {
@@ -261,12 +291,13 @@ at::Tensor distance_fwd_cpu(const at::Tensor& feat0, const at::Tensor& feat1,
       std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+        bool sx_done = true, sy_done = true;
         for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
-          load_run(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col);
-          load_run(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col);
+          sx_done &= load_run_sq(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col, sx.data(), tmp.data());
+          sy_done &= load_run_sq(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col, sy.data(), tmp.data());
         });
-        sum_squares(bx.data(), C, pb, sx.data(), tmp.data());
-        sum_squares(by.data(), C, pb, sy.data(), tmp.data());
+        if (!sx_done) sum_squares(bx.data(), C, pb, sx.data(), tmp.data());
+        if (!sy_done) sum_squares(by.data(), C, pb, sy.data(), tmp.data());
         for (int64_t p = 0; p < pb; ++p) {
           sx[p] = acc_t(1) / (std::sqrt(sx[p]) + e);  // now 1/a
           sy[p] = acc_t(1) / (std::sqrt(sy[p]) + e);  // now 1/b
@@ -344,14 +375,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
           dotx(PB), doty(PB);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+        bool nx_done = true, ny_done = true;
         for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
-          load_run(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col);
-          load_run(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col);
+          nx_done &= load_run_sq(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col, nx.data(), tmp.data());
+          ny_done &= load_run_sq(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col, ny.data(), tmp.data());
           for (int64_t j = 0; j < len; ++j)
             g[col + j] = spatial ? gp[n * g_sn + (p + j) * g_sp] : gp[n * g_sn] * inv_p;
         });
-        sum_squares(bx.data(), C, pb, nx.data(), tmp.data());
-        sum_squares(by.data(), C, pb, ny.data(), tmp.data());
+        if (!nx_done) sum_squares(bx.data(), C, pb, nx.data(), tmp.data());
+        if (!ny_done) sum_squares(by.data(), C, pb, ny.data(), tmp.data());
         for (int64_t p = 0; p < pb; ++p) {
           nx[p] = std::sqrt(nx[p]);
           ny[p] = std::sqrt(ny[p]);
