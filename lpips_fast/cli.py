@@ -561,11 +561,8 @@ def heat_colors(v):
 
 def cmd_map(args) -> int:
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
-    from .data import decode_file, to_model_input
-    from .ops import lpips_distance
+    from .data import decode_file
 
     for p in (args.path0, args.path1):
         _need_file(p, "A/B")
@@ -583,18 +580,8 @@ def cmd_map(args) -> int:
             print(f"lpips-fast map: error: {err}", file=sys.stderr)
             return EXIT_ERROR_ROWS
         H, W = d0.hw
-        with torch.inference_mode():
-            x = to_model_input([d0.array, d1.array], sess.device, sess.dtype)
-            f = sess.model.features(x)
-            heat = None
-            total = None
-            for t, w in zip(f, sess.model.lin_weights()):
-                r = lpips_distance(t[:1], t[1:], w, spatial=True)
-                up = F.interpolate(r.float(), size=(H, W), mode="bilinear", align_corners=False)
-                heat = up if heat is None else heat + up
-                s = lpips_distance(t[:1], t[1:], w, spatial=False)
-                total = s if total is None else total + s
-        hm = heat[0, 0].to("cpu", torch.float32).numpy()
+        heat, total = sess.spatial_map(d0, d1)
+        hm = heat.numpy()
         vmax = args.vmax if args.vmax is not None else float(hm.max())
         colored = heat_colors(hm / vmax if vmax > 0 else np.zeros_like(hm))
         gap = np.full((H, 4, 3), 255, dtype=np.uint8)
@@ -603,7 +590,7 @@ def cmd_map(args) -> int:
         Image.fromarray(np.concatenate([d0.array, gap, d1.array, gap, colored], axis=1)).save(args.output)
         if args.npy:
             np.save(args.npy, hm.astype(np.float32))
-        print(repr(float(total[0])))
+        print(repr(float(total)))
         if not args.quiet:
             print(f"map: {args.output} (A | B | LPIPS map, white = {vmax:.6g}, map mean {float(hm.mean()):.6g})", file=sys.stderr)
         return EXIT_OK

@@ -362,6 +362,24 @@ class Session:
             total = r if total is None else total + r
         return total
 
+    def spatial_map(self, d0: Decoded, d1: Decoded) -> tuple[torch.Tensor, float]:
+        """The reference's ``spatial=True`` map of one same-size pair, (H, W) float32 on the CPU
+        (each layer's map upsampled bilinearly to the image size and summed), and the scalar LPIPS."""
+        import torch.nn.functional as F
+
+        from .ops import lpips_distance
+
+        hw = d0.hw
+        with torch.inference_mode():
+            f = self.model.features(to_model_input([d0.array, d1.array], self.device, self.dtype))
+            heat = total = None
+            for t, w in zip(f, self.model.lin_weights()):
+                up = F.interpolate(lpips_distance(t[:1], t[1:], w, spatial=True).float(), size=hw, mode="bilinear", align_corners=False)
+                heat = up if heat is None else heat + up
+                s = lpips_distance(t[:1], t[1:], w, spatial=False)
+                total = s if total is None else total + s
+        return heat[0, 0].to("cpu", torch.float32), float(total[0])
+
     # -- OOM-aware chunking ------------------------------------------------------------------
     def _free(self) -> None:
         if self.device.type == "cuda":
