@@ -220,7 +220,9 @@ def _fmt(v: float) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
 
 
-def summary_line(stats, elapsed: float, scored_now: int, session=None, resumed: int = 0, label: str = "summary") -> str:
+def summary_line(
+    stats, elapsed: float, scored_now: int, session=None, resumed: int = 0, label: str = "summary", session_totals: dict | None = None
+) -> str:
     has = stats.n > 0
     parts = [
         f"count={stats.count}",
@@ -236,12 +238,36 @@ def summary_line(stats, elapsed: float, scored_now: int, session=None, resumed: 
     if resumed:
         parts.append(f"resumed={resumed}")
     if session is not None:
-        st = session.stats
-        if st.oom_events:
-            parts.append(f"oom_retries={st.oom_events} batch_size={session.initial_batch_size}->{session.batch_size}")
+        tot = session_totals if session_totals is not None else _local_totals(session)
+        if tot["oom"]:
+            parts.append(f"oom_retries={tot['oom']} batch_size={session.initial_batch_size}->{tot['batch_size']}")
         if session.cache is not None:
-            parts.append(f"cache_hits={session.cache.hits} cache_misses={session.cache.misses}")
+            parts.append(f"cache_hits={tot['hits']} cache_misses={tot['misses']}")
     return f"{label}: " + " ".join(parts)
+
+
+def _local_totals(session) -> dict:
+    c = session.cache
+    return {
+        "oom": session.stats.oom_events,
+        "batch_size": session.batch_size,
+        "hits": c.hits if c is not None else 0,
+        "misses": c.misses if c is not None else 0,
+    }
+
+
+def gather_totals(run) -> dict | None:
+    """OOM retries and cache counts summed over the ranks (smallest batch size); None off rank 0.
+    Every rank must call it."""
+    parts = run.ctx.gather(_local_totals(run.session))
+    if parts is None:
+        return None
+    return {
+        "oom": sum(p["oom"] for p in parts),
+        "batch_size": min(p["batch_size"] for p in parts),
+        "hits": sum(p["hits"] for p in parts),
+        "misses": sum(p["misses"] for p in parts),
+    }
 
 
 def _open_output(args, run: _Run, *, stdout_default: bool):
@@ -307,10 +333,14 @@ def _score_specs(args, specs, *, ref_file=None) -> int:
                 bar.close()
             if writer is not None:
                 writer.close()
+        totals = gather_totals(run)
         if not run.main:
             return EXIT_OK
         elapsed = time.perf_counter() - run.t0
-        print(summary_line(stats, elapsed, scored, run.session, resumed=len(existing.rows)), file=summary_stream, flush=True)
+        print(
+            summary_line(stats, elapsed, scored, run.session, resumed=len(existing.rows), session_totals=totals),
+            file=summary_stream, flush=True,
+        )
         return EXIT_ERROR_ROWS if stats.errors else EXIT_OK
     finally:
         run.close()
@@ -438,6 +468,7 @@ def cmd_allpairs(args) -> int:
         if bar is not None:
             bar.close()
         parts = run.ctx.gather(mine)
+        totals = gather_totals(run)
         if not run.main:
             return EXIT_OK
         got = sorted((it for p in parts for it in p), key=lambda t: t[0])
@@ -536,7 +567,7 @@ def cmd_allpairs(args) -> int:
                 writer.close()
         elapsed = time.perf_counter() - run.t0
         stream = sys.stdout
-        print(summary_line(stats, elapsed, scored, sess, resumed=len(existing.rows)), file=stream)
+        print(summary_line(stats, elapsed, scored, sess, resumed=len(existing.rows), session_totals=totals), file=stream)
         if stats.n:
             print(f"diversity: {stats.mean:.6f} +- {stats.stderr:.6f} (mean LPIPS over {stats.n} pairs +- standard error)", file=stream, flush=True)
         return EXIT_ERROR_ROWS if stats.errors else EXIT_OK

@@ -75,9 +75,11 @@ def test_torchrun_two_processes_equal_one_with_resume(world, tmp_path):
     with open(multi, "w") as f:
         f.writelines(lines[:5])
         f.write(lines[5][:7])
-    p = _torchrun(world, "dirs", world["d0"], world["d1"], "-o", multi, "--resume")
+    p = _torchrun(world, "dirs", world["d0"], world["d1"], "-o", multi, "--resume", "--cache", str(tmp_path / "fc"))
     assert "summary: count=11 errors=5" in p.stdout, p.stdout + p.stderr[-3000:]
     assert "resumed=4" in p.stdout
+    # counts summed over both ranks: the 3 pairs left to score (gray, rgba, sub/rocket) = 6 images
+    assert "cache_hits=0 cache_misses=6" in p.stdout
     _same(single, multi)
 
 
