@@ -48,7 +48,7 @@ def test_resume_after_real_sigkill(big, tmp_path, fmt):
         if os.path.exists(out) and os.path.getsize(out) > 0:
             with open(out, "rb") as f:
                 n = f.read().count(b"\n")
-            if n >= 12:  # header + some rows: kill it mid-run, at an arbitrary moment
+            if n >= 4:  # header + a few rows: kill it mid-run, at an arbitrary moment
                 os.kill(p.pid, signal.SIGKILL)
                 killed = True
                 break
