@@ -4,12 +4,12 @@ Providers:
 - ``reference``: the ``lpips`` 0.1.4 package (or ``gpu_check.EagerReference`` without it);
 - ``composite``: lpips-fast's module strategy with the eager composite distance (``backend="torch"``);
 - ``default``: ``lpips_fast.LPIPS`` as users get it;
-- ``default_cl``: the same module with its trunk in channels_last (weights and input): a preview
-  of the change proposed for ``model.py`` (see benchmarks/README.md);
+- ``default_cl``: the same module with its trunk in channels_last (weights and input; on the CPU
+  for alex and squeeze only): a preview of the change proposed for ``model.py`` (README);
 - ``engine`` (CPU) / ``engine_compiled``: ``lpips_fast.Engine`` on uint8 input (no graphs),
   compiled on CUDA (on the CPU ``engine`` is eager: see benchmarks/README.md), bf16 on CUDA;
 - ``engine_graphs`` (CUDA): the compiled Engine with CUDA graphs;
-- ``floor``: the trunk alone (channels_last, the fastest format measured), as many passes as
+- ``floor``: the trunk alone (in ``default_cl``'s format, the fastest measured), as many passes as
   lpips-fast needs (one batched forward; for the loss one forward + backward for in0 and one
   no-grad forward for in1): not an LPIPS result, so not checked; it is the bound the issue
   measures against.
@@ -78,13 +78,15 @@ def _models(net: str, device: str):
 
 @functools.lru_cache(maxsize=None)
 def _model_cl(net: str, device: str):
-    """Preview of the proposed module default: trunk weights and input in channels_last."""
+    """Preview of the proposed module default: trunk weights and input in channels_last for
+    alex and squeeze (vgg stays NCHW: no faster, and its input gradients drift; README)."""
     import copy
 
     _, ours = _models(net, device)
     m = copy.deepcopy(ours)
-    m.net.to(memory_format=torch.channels_last)
-    m.net.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last),))
+    if net != "vgg" or device == "cuda":
+        m.net.to(memory_format=torch.channels_last)
+        m.net.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last),))
     return m
 
 
@@ -154,8 +156,8 @@ def _make_callable(provider: str, net: str, px: int, batch: int, mode: str, devi
 
             return loss_c, torch.float32
         if provider == "floor":
-            net_ = _model_cl(net, device).net  # the fastest trunk pass: channels_last
-            x_pre, y_pre = _cl(ours.preprocess(xf)), _cl(ours.preprocess(yf))
+            net_ = _model_cl(net, device).net  # the fastest trunk pass (its pre-hook sets the format)
+            x_pre, y_pre = ours.preprocess(xf), ours.preprocess(yf)
 
             def floor_loss():
                 xx = x_pre.clone().requires_grad_(True)
@@ -191,8 +193,9 @@ def _make_callable(provider: str, net: str, px: int, batch: int, mode: str, devi
         e = _engine(net, device, lowp, True, True)
         return (lambda: e(x, y)), lowp
     if provider == "floor":
-        net_ = _model_cl(net, device).net  # the fastest trunk pass: channels_last
-        both = _cl(ours.preprocess(torch.cat([xf, yf])))
+        net_ = _model_cl(net, device).net  # the fastest trunk pass (its pre-hook sets the format)
+        both = ours.preprocess(torch.cat([xf, yf]))
+        both = _cl(both) if net != "vgg" or device == "cuda" else both
         return (lambda: net_(both)), None
     return None
 

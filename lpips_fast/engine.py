@@ -71,7 +71,7 @@ class Engine:
             runs the function eagerly.
         cuda_graphs: capture one graph per shape (CUDA only; ignored on CPU). Default True.
         channels_last: trunk memory format; default True on CUDA (tensor-core convolutions),
-            and on CPU as measured (see ``_default_channels_last``).
+            on CPU for alex and squeeze (faster there; not for vgg), see ``_default_channels_last``.
         normalize: float inputs are in [0, 1] (as ``LPIPS.forward(normalize=True)``); uint8
             inputs are always 0..255.
         max_graphs: how many captured shapes to keep (least recently used is dropped).
@@ -117,7 +117,10 @@ class Engine:
         self.batch_size = batch_size
         self.compile = bool(is_cuda if compile is None else compile)
         self.cuda_graphs = bool(cuda_graphs and is_cuda)
-        self.channels_last = bool(_default_channels_last(self.device) if channels_last is None else channels_last)
+        net_name = canonical_net_name(model.pnet_type if model is not None else net)
+        if channels_last is None:
+            channels_last = _default_channels_last(self.device, net_name)
+        self.channels_last = bool(channels_last)
 
         if model is None:
             lpips_kwargs.setdefault("nonfinite", "propagate")
@@ -350,10 +353,10 @@ class Engine:
         )
 
 
-def _default_channels_last(device: torch.device) -> bool:
-    # CUDA: NHWC is what tensor-core convolutions want. CPU: see benchmarks/README.md.
-    return device.type == "cuda" or _CPU_CHANNELS_LAST
+def _default_channels_last(device: torch.device, net: str) -> bool:
+    # CUDA: NHWC is what tensor-core convolutions want. CPU (oneDNN, measured on the 2-core dev
+    # machines, benchmarks/README.md): 1.3-2.6x faster for alex and squeeze, no gain for vgg.
+    return device.type == "cuda" or net in _CPU_CHANNELS_LAST_NETS
 
 
-# Measured on the 2-core dev CPUs (torch 2.14, oneDNN): see benchmarks/README.md.
-_CPU_CHANNELS_LAST = True
+_CPU_CHANNELS_LAST_NETS = ("alex", "squeeze")
