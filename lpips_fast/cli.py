@@ -279,12 +279,12 @@ def _open_output(args, run: _Run, *, stdout_default: bool):
     existing = ExistingRows()
     if not run.main:
         return None, existing, sys.stderr
-    if out is not None and args.resume:
+    if out not in (None, "-") and args.resume:
         existing = read_existing(out, fmt)
     if out is None and not stdout_default:
         return None, existing, sys.stdout
     writer = RowWriter(out, fmt, append=bool(args.resume))
-    return writer, existing, (sys.stderr if out is None else sys.stdout)
+    return writer, existing, (sys.stderr if out in (None, "-") else sys.stdout)
 
 
 def _check_resume(args):
@@ -508,7 +508,7 @@ def cmd_allpairs(args) -> int:
 
         fmt = format_from_path(args.output, args.format)
         existing = ExistingRows()
-        if args.output and args.resume:
+        if args.output not in (None, "-") and args.resume:
             existing = read_existing(args.output, fmt)
         writer = RowWriter(args.output, fmt, append=bool(args.resume)) if args.output else None
         stats = Stats()
@@ -566,7 +566,7 @@ def cmd_allpairs(args) -> int:
             if writer is not None:
                 writer.close()
         elapsed = time.perf_counter() - run.t0
-        stream = sys.stdout
+        stream = sys.stderr if args.output == "-" else sys.stdout
         print(summary_line(stats, elapsed, scored, sess, resumed=len(existing.rows), session_totals=totals), file=stream)
         if stats.n:
             print(f"diversity: {stats.mean:.6f} +- {stats.stderr:.6f} (mean LPIPS over {stats.n} pairs +- standard error)", file=stream, flush=True)

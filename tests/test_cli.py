@@ -305,3 +305,10 @@ def test_random_trunk_is_seeded(world, capsys):
         assert cli.main(["pair", a, b, "--random-trunk", "--model-seed", seed, "--workers", "0", "--device", "cpu"]) == 0
         vals.append(float(capsys.readouterr().out))
     assert vals[0] == vals[1] != vals[2]
+
+
+def test_dash_output_is_stdout(world, capsys):
+    assert run(world, "dirs", world["d0"], world["d1"], "-o", "-") == 3
+    cap = capsys.readouterr()
+    assert cap.out.startswith("path0,path1,lpips,error\n") and len(cap.out.splitlines()) == 12
+    assert "summary:" in cap.err and "summary:" not in cap.out
