@@ -45,6 +45,14 @@ struct AccType<double> {
 constexpr int64_t kTileElems = 32768;  // C * PB per tensor: 128 KiB of fp32 per buffer (L2)
 constexpr int64_t kChunk = 32;        // channels summed before folding into the total (accuracy)
 
+// GCC's loop distribution would turn the tile copies into one memmove call per channel row,
+// which costs more than the copy itself for the short rows of small layers: keep them as loops.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LPIPS_NO_MEMCPY_IDIOM __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define LPIPS_NO_MEMCPY_IDIOM
+#endif
+
 // A (N, C, P) view of an (N, C, H, W) tensor with H and W walked as one pixel dimension.
 struct Geo {
   int64_t sn, sc, sp;
@@ -83,7 +91,7 @@ at::MemoryFormat grad_format(const at::Tensor& t) {
 
 // Copies `len` pixels of one image (base points at the first) into columns col0.. of buf [C][pb].
 template <typename scalar_t, typename acc_t>
-void load_run(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t* buf, int64_t pb, int64_t col0) {
+LPIPS_NO_MEMCPY_IDIOM void load_run(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t* buf, int64_t pb, int64_t col0) {
   if (g.sc == 1 && g.sp != 1) {  // channels_last: each pixel's C-vector is contiguous
     for (int64_t p = 0; p < len; ++p) {
       const scalar_t* src = base + p * g.sp;
@@ -103,7 +111,7 @@ void load_run(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t*
 }
 
 template <typename scalar_t, typename acc_t>
-void store_run(scalar_t* base, const Geo& g, int64_t C, int64_t len, const acc_t* buf, int64_t pb, int64_t col0) {
+LPIPS_NO_MEMCPY_IDIOM void store_run(scalar_t* base, const Geo& g, int64_t C, int64_t len, const acc_t* buf, int64_t pb, int64_t col0) {
   if (g.sc == 1 && g.sp != 1) {
     for (int64_t p = 0; p < len; ++p) {
       scalar_t* dst = base + p * g.sp;
@@ -119,7 +127,7 @@ void store_run(scalar_t* base, const Geo& g, int64_t C, int64_t len, const acc_t
 
 // NCHW rows: copies one channel row of a run and adds its squares to tmp (one pass, restrict).
 template <typename scalar_t, typename acc_t>
-void copy_row_sq(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, acc_t* __restrict__ tmp, int64_t len) {
+LPIPS_NO_MEMCPY_IDIOM void copy_row_sq(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, acc_t* __restrict__ tmp, int64_t len) {
   for (int64_t p = 0; p < len; ++p) {
     const acc_t v = static_cast<acc_t>(src[p]);
     dst[p] = v;
@@ -131,7 +139,7 @@ void copy_row_sq(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, acc_
 // bitwise the same), saving a pass over the tile. Only for NCHW runs; returns false (and only
 // loads) for other layouts, after which the caller runs sum_squares.
 template <typename scalar_t, typename acc_t>
-bool load_run_sq(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t* buf, int64_t pb, int64_t col0,
+LPIPS_NO_MEMCPY_IDIOM bool load_run_sq(const scalar_t* base, const Geo& g, int64_t C, int64_t len, acc_t* buf, int64_t pb, int64_t col0,
                  acc_t* sq, acc_t* tmp) {
   if (g.sp != 1) {
     load_run(base, g, C, len, buf, pb, col0);
