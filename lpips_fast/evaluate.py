@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np

@@ -52,7 +52,6 @@ def test_all_pairs_exact_vs_reference(imgs):
 
 
 def test_all_pairs_baseline_and_version_00(imgs):
-    from test_data_helpers import REPO  # noqa: F401
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))

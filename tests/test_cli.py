@@ -15,7 +15,6 @@ from test_data_helpers import (
     ERROR_NAMES,
     OK_NAMES,
     make_dirs,
-    make_flat_dir,
     ref_distance,
     reference_model,
     save_state_dict,
