@@ -320,3 +320,17 @@ def test_import_is_lazy():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_autocast_bf16_features_fp32_weight():
+    """The model under CPU autocast: bf16 features, the fp32 lin parameter viewed as (C,)."""
+    lin = torch.nn.Conv2d(16, 1, 1, bias=False)
+    x, y, _ = _feats(2, 16, 4, 4, dtype=torch.bfloat16, seed=21)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lpips_distance(x, y, lin.weight.view(-1))
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
+    ref = lpips_distance_reference(x.detach(), y, lin.weight.detach().view(-1))
+    torch.testing.assert_close(out.detach().double(), ref, rtol=1e-5, atol=0)
