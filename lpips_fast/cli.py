@@ -181,6 +181,7 @@ class _Run:
 
         self.args = args
         self.t0 = time.perf_counter()
+        _check_device(args.device)
         self.ctx, device = init_from_env(args.device)
         self.main = self.ctx.is_main
         self.session = _make_session(args, device, self.ctx)
@@ -195,6 +196,22 @@ class _Run:
 
     def close(self):
         self.ctx.close()
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device in (None, "auto"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device}: {e}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _make_session(args, device, ctx):

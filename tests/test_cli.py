@@ -125,6 +125,9 @@ def test_exit_codes(world, tmp_path, capsys):
     assert run(world, "dirs", world["d0"], world["d1"], "--resume") == 2
     assert run(world, "dirs", world["d0"], world["d1"], "--batch-size", "0") == 2
     assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["dirs", world["d0"], world["d1"], "--device", "tpu:9"]) == 2
+    if not torch.cuda.is_available():
+        assert cli.main(["dirs", world["d0"], world["d1"], "--device", "cuda"]) == 2
     assert cli.main([]) == 2
     capsys.readouterr()
 
