@@ -33,7 +33,7 @@ gradient with respect to that column is defined as 0; the reference gives NaN th
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
