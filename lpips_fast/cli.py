@@ -569,14 +569,22 @@ def cmd_allpairs(args) -> int:
                             f.write("".join(rels[i] + "\n" for i in ok_idx))
                     D = gram_distances(V, scale, device=sess.device, clamp=_weights_nonneg(weights), out=out)
                     Dn = D if isinstance(D, np.ndarray) else D.numpy()
-                    batch = []
-                    for i in range(m):
-                        ri = rels[ok_idx[i]]
-                        batch.extend(Row(ri, rels[ok_idx[j]], float(Dn[i, j]), None) for j in range(i + 1, m))
-                        if len(batch) >= 20000:
-                            emit(batch)
-                            batch = []
-                    emit(batch)
+                    names = [rels[i] for i in ok_idx]
+                    if skip:  # resuming: row by row, skipping the pairs already written
+                        batch = []
+                        for i in range(m):
+                            batch.extend(Row(names[i], names[j], float(Dn[i, j]), None) for j in range(i + 1, m))
+                            if len(batch) >= 20000:
+                                emit(batch)
+                                batch = []
+                        emit(batch)
+                    else:  # bulk: one formatted write per matrix row
+                        for i in range(m - 1):
+                            vals = np.asarray(Dn[i, i + 1 :], dtype=np.float64)
+                            if writer is not None:
+                                writer.write_pairs(names[i], names[i + 1 :], vals)
+                            stats.add_values(vals)
+                            scored += len(vals)
                     if isinstance(Dn, np.memmap):
                         Dn.flush()
         finally:

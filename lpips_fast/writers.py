@@ -79,6 +79,24 @@ class Stats:
         self.min = min(self.min, v)
         self.max = max(self.max, v)
 
+    def add_values(self, values) -> None:
+        """Many scored values at once (Chan et al.'s merge of two Welford summaries)."""
+        import numpy as np
+
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if v.size == 0:
+            return
+        self.count += v.size
+        nb, mb = v.size, float(v.mean())
+        m2b = float(((v - mb) ** 2).sum())
+        n = self.n + nb
+        d = mb - self.mean
+        self.mean += d * nb / n
+        self.m2 += m2b + d * d * self.n * nb / n
+        self.n = n
+        self.min = min(self.min, float(v.min()))
+        self.max = max(self.max, float(v.max()))
+
     @property
     def std(self) -> float:
         """Sample standard deviation (ddof=1); 0 for fewer than two values."""
@@ -88,6 +106,12 @@ class Stats:
     def stderr(self) -> float:
         """Standard error of the mean, ``std / sqrt(n)``."""
         return self.std / math.sqrt(self.n) if self.n > 0 else 0.0
+
+
+def _csv_field(text: str) -> str:
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def _clean(text: str | None) -> str | None:
@@ -229,6 +253,20 @@ class RowWriter:
                     for r in rows
                 )
             )
+        self.flush()
+
+    def write_pairs(self, path0: str, paths1, values) -> None:
+        """Scored rows ``(path0, paths1[k], values[k])`` (no errors), formatted in bulk."""
+        if self.fmt == "csv":
+            p0 = _csv_field(path0)
+            text = "".join(f"{p0},{_csv_field(p1)},{float(v)!r},\n" for p1, v in zip(paths1, values))
+        else:
+            p0 = json.dumps(path0)
+            text = "".join(
+                f'{{"path0": {p0}, "path1": {json.dumps(p1)}, "lpips": {float(v)!r}, "error": null}}\n'
+                for p1, v in zip(paths1, values)
+            )
+        self._f.write(text)
         self.flush()
 
     def flush(self) -> None:

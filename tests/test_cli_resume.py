@@ -142,3 +142,29 @@ def test_output_problems_are_usage_errors(big, tmp_path, capsys):
     part.write_text("path0,pa")  # killed while writing the header: still resumable
     assert cli.main(["ref", big["ref_img"], big["dir"], "-o", str(part), "--resume", *common]) == 0
     assert len(_rows(str(part))) == 240
+
+
+def test_bulk_stats_and_rows_equal_row_by_row(tmp_path):
+    import numpy as np
+
+    from lpips_fast.writers import Stats
+
+    v = np.random.default_rng(0).random(1000)
+    a, b = Stats(), Stats()
+    for x in v:
+        a.add(Row("p", "q", float(x)))
+    b.add(Row("e", "f", None, "bad"))
+    b.add_values(v[:10])
+    b.add_values(v[10:])
+    assert (a.count + 1, a.errors + 1) == (b.count, b.errors)
+    assert abs(a.mean - b.mean) < 1e-12 and abs(a.std - b.std) < 1e-12 and (a.min, a.max) == (b.min, b.max)
+    for fmt in ("csv", "jsonl"):
+        p1, p2 = str(tmp_path / f"1.{fmt}"), str(tmp_path / f"2.{fmt}")
+        names = ["x.png", 'we,ird "name".png', "z.png"]
+        w = RowWriter(p1, fmt)
+        w.write([Row("a,b.png", n, float(x)) for n, x in zip(names, v)])
+        w.close()
+        w = RowWriter(p2, fmt)
+        w.write_pairs("a,b.png", names, v[:3])
+        w.close()
+        assert open(p1).read() == open(p2).read()
