@@ -112,6 +112,21 @@ def is_oom(e: BaseException) -> bool:
     return False
 
 
+def _on(model, device: torch.device, dtype: torch.dtype):
+    """``model`` in eval mode on ``device``/``dtype``: itself if already there, else a copy (the
+    caller's module is never moved, cast or switched to eval)."""
+    ps = list(model.parameters()) + list(model.buffers())
+    same = all(
+        p.device.type == device.type and (device.index is None or p.device.index == device.index) and p.dtype == dtype
+        for p in ps
+    )
+    if same and not model.training:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+
+
 class OutOfMemoryAtBatchOne(RuntimeError):
     pass
 
@@ -198,7 +213,7 @@ class Session:
                 device = "cpu"
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = _on(model, self.device, self.dtype)
         self.net = canonical_net_name(model.pnet_type)
         self.version = model.version
         self.min_size = int(model.net.min_size)

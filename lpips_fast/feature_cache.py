@@ -159,7 +159,7 @@ class FeatureCache:
                     for k, nl in items:
                         found[k] = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
                 used.append(shard)
-            except (FileNotFoundError, OSError, Exception):  # evicted meanwhile or damaged: a miss
+            except Exception:  # evicted meanwhile (FileNotFoundError) or damaged: a miss
                 for k, _ in items:
                     found.pop(k, None)
         if used:

@@ -314,3 +314,13 @@ def test_dash_output_is_stdout(world, capsys):
     cap = capsys.readouterr()
     assert cap.out.startswith("path0,path1,lpips,error\n") and len(cap.out.splitlines()) == 12
     assert "summary:" in cap.err and "summary:" not in cap.out
+
+
+def test_api_never_moves_or_casts_the_callers_model(world):
+    import lpips_fast
+
+    model = world["ours"]
+    w = model.net.slice1[0].weight
+    rows = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, dtype="float16", batch_size=4)
+    assert model.net.slice1[0].weight is w and w.dtype == torch.float32
+    assert sum(r.error is None for r in rows) == 6
