@@ -27,6 +27,7 @@ SIZE = 64
 REF_BATCH = 64
 REF_BATCHES = int(os.environ.get("BENCH_REF_BATCHES", 12))
 TARGET = 50.0
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # BENCH_DEVICE=cuda times both sides on the GPU
 
 
 def _images(n: int = N, size: int = SIZE) -> torch.Tensor:
@@ -61,7 +62,9 @@ def run_ours(ours, x) -> tuple[float, torch.Tensor]:
     import lpips_fast
 
     t = time.perf_counter()
-    D = lpips_fast.all_pairs(x, model=ours, batch_size=100, device="cpu")
+    D = lpips_fast.all_pairs(x.to(DEVICE), model=ours.to(DEVICE), batch_size=100, device=DEVICE)
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - t, D
 
 
@@ -73,12 +76,14 @@ def run_reference_sample(ref, x, batches: int = REF_BATCHES) -> tuple[float, flo
     iu, ju = np.triu_indices(n, 1)
     i, j = torch.from_numpy(iu[flat]), torch.from_numpy(ju[flat])
     vals = []
+    ref = ref.to(DEVICE)
+    x = x.to(DEVICE)
     with torch.no_grad():
         ref(x[:2], x[2:4])  # warm-up
         t = time.perf_counter()
         for b in range(batches):
             s = slice(b * REF_BATCH, (b + 1) * REF_BATCH)
-            vals.append(ref(x[i[s]], x[j[s]]).flatten())
+            vals.append(ref(x[i[s]], x[j[s]]).flatten().cpu())
         dt = time.perf_counter() - t
     total_pairs = n * (n - 1) // 2
     return dt, dt * total_pairs / (batches * REF_BATCH), i, j, torch.cat(vals)
@@ -87,7 +92,7 @@ def run_reference_sample(ref, x, batches: int = REF_BATCHES) -> tuple[float, flo
 def report(t_ours, t_ref_sample, t_ref_all, n_sample, err) -> str:
     pairs = N * (N - 1) // 2
     return (
-        f"all pairs of N={N} images at {SIZE}px ({pairs} pairs), CPU, {torch.get_num_threads()} threads\n"
+        f"all pairs of N={N} images at {SIZE}px ({pairs} pairs), {DEVICE}, {torch.get_num_threads()} CPU threads\n"
         f"  lpips-fast all_pairs (trunk once per image + GEMM): {t_ours:.2f} s ({pairs / t_ours:,.0f} pairs/s)\n"
         f"  reference lpips 0.1.4, batches of {REF_BATCH} pairs: {t_ref_sample:.2f} s for a sample of {n_sample} pairs "
         f"-> {t_ref_all:.0f} s extrapolated to all pairs ({n_sample / t_ref_sample:,.0f} pairs/s)\n"
