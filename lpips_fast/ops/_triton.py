@@ -35,6 +35,30 @@ except ImportError:  # pragma: no cover - older torch: opaque custom op, kernel 
 _TILE = 4096  # BLOCK_C * BLOCK_P elements per tensor and program
 
 
+# IEEE-rounded sqrt and division for fp32 (tl.sqrt and "/" may be approximate on the GPU); they
+# run once per pixel, so the cost is nil. fp64 sqrt and division are IEEE already.
+@triton.jit
+def _sqrt(v, IS_F64: tl.constexpr):
+    if IS_F64:
+        return tl.sqrt(v)
+    else:
+        return tl.sqrt_rn(v)
+
+
+@triton.jit
+def _recip(v, IS_F64: tl.constexpr):
+    if IS_F64:
+        return 1.0 / v
+    else:
+        return tl.div_rn(tl.full(v.shape, 1.0, tl.float32), v)
+
+
+@triton.jit
+def _inv_norm(sum_sq, eps, IS_F64: tl.constexpr):
+    """1 / (sqrt(sum_c x_c^2) + eps), eps outside the sqrt as in the reference."""
+    return _recip(_sqrt(sum_sq, IS_F64) + eps, IS_F64)
+
+
 @triton.jit
 def _lpips_fwd_kernel(
     X, Y, Wt, OUT, C, P, n_pblocks,
@@ -60,8 +84,8 @@ def _lpips_fwd_kernel(
     else:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
-    ia = 1.0 / (tl.sqrt(tl.sum(x * x, axis=1)) + eps)
-    ib = 1.0 / (tl.sqrt(tl.sum(y * y, axis=1)) + eps)
+    ia = _inv_norm(tl.sum(x * x, axis=1), eps, IS_F64)
+    ib = _inv_norm(tl.sum(y * y, axis=1), eps, IS_F64)
     diff = x * ia[:, None] - y * ib[:, None]
     d2 = diff * diff
     if HAS_W:
@@ -103,10 +127,10 @@ def _lpips_bwd_kernel(
         g = tl.load(G + n * gsn + offs_p * gsp, mask=mask_p, other=0.0).to(x.dtype)
     else:
         g = tl.where(mask_p, tl.load(G + n * gsn).to(x.dtype) / P, 0.0)
-    nx = tl.sqrt(tl.sum(x * x, axis=1))
-    ny = tl.sqrt(tl.sum(y * y, axis=1))
-    ia = 1.0 / (nx + eps)
-    ib = 1.0 / (ny + eps)
+    nx = _sqrt(tl.sum(x * x, axis=1), IS_F64)
+    ny = _sqrt(tl.sum(y * y, axis=1), IS_F64)
+    ia = _recip(nx + eps, IS_F64)
+    ib = _recip(ny + eps, IS_F64)
     diff = x * ia[:, None] - y * ib[:, None]
     if HAS_W:
         w = tl.load(Wt + offs_c, mask=mask_c, other=0.0)
