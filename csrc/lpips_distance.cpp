@@ -11,11 +11,12 @@
 //
 // Work is split into fixed tiles of PB columns x all C channels, a column being one pixel of one
 // image (the flattened index n * H * W + p, so that layers with few pixels still give long
-// vectorisable rows). A tile is read
-// from memory once (any strides: NCHW, channels_last, a stride-0 broadcast batch) into a local
-// [C][PB] buffer in the accumulation type, then every pass runs over that buffer. Tiles do not
-// depend on the thread count, and every cross-tile sum (spatial mean, weight gradient) runs in a
-// fixed order afterwards, so results are bitwise repeatable and thread-count independent.
+// vectorisable rows). A tile is read from memory once (any strides: NCHW, channels_last, a
+// stride-0 broadcast batch) into a local [C][PB] buffer in the accumulation type (fp32, fp64 for
+// fp64), then every pass runs over that cache-resident buffer. Channel sums run in chunks of 32
+// channels (error grows slowly in C). Tiles do not depend on the thread count, and every
+// cross-tile sum (spatial mean in fp64, weight gradient) runs in a fixed order afterwards, so
+// results are bitwise repeatable and independent of the number of threads.
 //
 // The ops are internal (`lpips_fast::_distance_fwd_cpu`, `lpips_fast::_distance_bwd_cpu`); the
 // public op, its fake kernel and its autograd live in lpips_fast/ops/__init__.py.
