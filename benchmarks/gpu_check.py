@@ -203,7 +203,7 @@ def environment(device) -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return {
         "device": str(dev),
         "device_name": name,
@@ -215,6 +215,17 @@ def environment(device) -> dict:
         "lpips_reference": "lpips 0.1.4 package" if have_lpips() else "EagerReference (no lpips package)",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def raise_recompile_limit(n: int = 64) -> None:
