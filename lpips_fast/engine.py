@@ -131,8 +131,9 @@ class Engine:
         model = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = model.to(self.device)
         self.model.net.to(dtype=dtype)
-        if self.channels_last:
-            self.model.net.to(memory_format=torch.channels_last)
+        # Set the format either way: a module may arrive with a channels_last trunk.
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model.net.to(memory_format=fmt)
         self.spatial = model.spatial
         self.net = model.pnet_type
 

@@ -254,3 +254,16 @@ def test_gpu_check_cpu_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["mode"] == "cpu" and not data["failures"]
     assert {"engine_eager", "pipeline", "fallbacks"} <= set(data["sections"])
+
+
+def test_channels_last_module_forced_to_nchw(alex):
+    import copy
+
+    m = copy.deepcopy(alex)
+    m.net.to(memory_format=torch.channels_last)
+    e = Engine(model=m, device="cpu", channels_last=False)
+    assert e.model.net.slice1[0].weight.is_contiguous()
+    x, y = _u8(2, 3, 32, 32, seed=8), _u8(2, 3, 32, 32, seed=9)
+    with torch.no_grad():
+        ref = alex(uint8_to_unit(x), uint8_to_unit(y))
+    torch.testing.assert_close(e(x, y), ref, atol=1e-5, rtol=0)
