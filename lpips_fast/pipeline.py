@@ -44,17 +44,19 @@ class PinnedSlot:
         self.used = False
         self.allocations = 0
 
-    def _buffer(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _buffer(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Views of this slot's buffers shaped like ``like``, and whether they are new."""
         numel = like.numel()
         h = self.host[i]
-        if h is None or h.numel() < numel or h.dtype != like.dtype:
+        fresh = h is None or h.numel() < numel or h.dtype != like.dtype
+        if fresh:
             # Pooled: grow only (pin_memory allocations are slow and synchronising).
             self.host[i] = torch.empty(numel, dtype=like.dtype, pin_memory=True)
             self.dev[i] = torch.empty(numel, dtype=like.dtype, device=self.device)
             self.allocations += 1
         host = self.host[i][:numel].view(like.shape)
         dev = self.dev[i][:numel].view(like.shape)
-        return host, dev
+        return host, dev, fresh
 
 
 class PinnedPipeline:
@@ -98,13 +100,20 @@ class PinnedPipeline:
             self.stats["host_waits"] += 1
             slot.copied.synchronize()
         pairs = []
+        fresh = False
         for i, img in enumerate((img0, img1)):
-            host, dev = slot._buffer(i, img)
+            host, dev, new = slot._buffer(i, img)
+            fresh = fresh or new
             host.copy_(img)  # CPU memcpy into pinned memory
             pairs.append((host, dev))
         stream = self._copy_stream
+        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(stream), nvtx_range("lpips_fast/h2d"):
-            if slot.used:
+            if fresh:
+                # A new device buffer comes from the compute stream's pool: its memory may still
+                # be read by queued compute work, so the copy waits for everything queued there.
+                stream.wait_stream(compute)
+            elif slot.used:
                 stream.wait_event(slot.consumed)  # compute is done reading this slot's device buffer
             for host, dev in pairs:
                 dev.copy_(host, non_blocking=True)
