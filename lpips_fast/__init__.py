@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # Heavier layers load on first use.
 _LAZY = {
     "Engine": "engine",
-    "all_pairs": "all_pairs",
+    "all_pairs": "pairwise",
     "evaluate_dirs": "evaluate",
     "evaluate_ref": "evaluate",
     "evaluate_pairs": "evaluate",

@@ -454,7 +454,7 @@ def cmd_allpairs(args) -> int:
     import numpy as np
     import torch
 
-    from .all_pairs import _weights_nonneg, column_scale, flatten_unit_features, gram_distances, pair_distances
+    from .pairwise import _weights_nonneg, column_scale, flatten_unit_features, gram_distances, pair_distances
     from .data import list_images
     from .distributed import shard
     from .writers import Row, Stats

@@ -18,7 +18,6 @@ diagonal set to 0, and values clamped at 0 when every weight is non-negative.
 from __future__ import annotations
 
 import contextlib
-import sys
 import os
 from typing import Sequence
 
@@ -255,15 +254,5 @@ def all_pairs(
     if n == 0:
         return torch.zeros(0, 0)
     res = gram_distances(rows.V, rows.scale, device=sess.device, block_size=block_size, out=out, clamp=_weights_nonneg(weights))
-    return res if isinstance(res, np.ndarray) else res
+    return res
 
-
-# ``lpips_fast.all_pairs`` names both this module and its function. Importing the module (e.g.
-# ``import lpips_fast.all_pairs``, or the CLI importing from it) binds the package attribute to the
-# module; make the module callable so ``lpips_fast.all_pairs(images)`` works either way.
-class _CallableModule(type(sys.modules[__name__])):
-    def __call__(self, *args, **kwargs):
-        return all_pairs(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
