@@ -144,6 +144,13 @@ class LPIPS(nn.Module):
         elif trunk_path is not None:
             self.net.load_torchvision_features(_read_checkpoint(trunk_path))
         self.net.requires_grad_(pnet_tune)
+        # alex/squeeze: NHWC convolutions are 1.3-2.6x faster on oneDNN (CPU; measured in
+        # benchmarks/README.md), values equal NCHW to float rounding, input gradients within 1e-4.
+        # vgg stays NCHW: no faster there, and its input gradients drift (0.6% of the largest).
+        # load_state_dict / .to(device) keep the format; state_dict() values are unchanged.
+        self._channels_last = net_c in ("alex", "squeeze")
+        if self._channels_last:
+            self.net.to(memory_format=torch.channels_last)
 
         if lpips:
             lins = [NetLinLayer(c, use_dropout=use_dropout) for c in self.chns]
@@ -197,10 +204,13 @@ class LPIPS(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return x
 
+    def _trunk_layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+
     def features(self, x: torch.Tensor, normalize: bool = False) -> list[torch.Tensor]:
         """Trunk taps of one already-validated batch."""
         with nvtx_range("lpips_fast/preprocess"):
-            x = self.preprocess(x, normalize)
+            x = self._trunk_layout(self.preprocess(x, normalize))
         with nvtx_range("lpips_fast/trunk"):
             return self.net(x)
 
@@ -240,7 +250,7 @@ class LPIPS(nn.Module):
         n0 = in0.shape[0]
         if (need0 == need1 or trunk_grad) and in0.dtype == in1.dtype:
             # One batched trunk pass for both images.
-            x = torch.cat([self.preprocess(in0, normalize), self.preprocess(in1, normalize)])
+            x = self._trunk_layout(torch.cat([self.preprocess(in0, normalize), self.preprocess(in1, normalize)]))
             with nvtx_range("lpips_fast/trunk"):
                 outs = self.net(x)
             return [o[:n0] for o in outs], [o[n0:] for o in outs]

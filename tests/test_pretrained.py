@@ -66,7 +66,8 @@ def test_pretrained_parity_on_photographs(net, spatial):
         assert (d[:6] < d[6:].min()).all(), d
         assert d.min() > 0
         with torch.no_grad():
-            assert ours_loaded(x, x).abs().max() == 0
+            # One batched channels_last trunk pass: the two halves may round differently (~1e-16).
+            assert ours_loaded(x, x).abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
