@@ -43,7 +43,7 @@ struct AccType<double> {
   using type = double;
 };
 
-constexpr int64_t kTileElems = 32768;  // C * PB per tensor: 128 KiB of fp32 per buffer (L2)
+constexpr int64_t kTileElems = 8192;  // C * PB per tensor: 32 KiB of fp32 per buffer (L1/L2)
 constexpr int64_t kChunk = 32;        // channels summed before folding into the total (accuracy)
 
 // GCC's loop distribution would turn the tile copies into one memmove call per channel row,
@@ -79,7 +79,7 @@ at::Tensor walkable(const at::Tensor& t, Geo& g) {
 // this many columns, so that layers with few pixels still give long, vectorisable rows.
 int64_t tile_columns(int64_t C, int64_t NP) {
   int64_t pb = std::max<int64_t>(1, kTileElems / std::max<int64_t>(C, 1));
-  pb = std::min<int64_t>(pb, 256);
+  pb = std::min<int64_t>(std::max<int64_t>(pb, 32), 256);  // rows of 32..256 columns
   if (pb >= 8) pb -= pb % 8;
   return std::max<int64_t>(1, std::min(pb, NP));
 }
