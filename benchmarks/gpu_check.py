@@ -414,7 +414,8 @@ def section_compiled(c: Checker) -> None:
     n, px = 16, 64
     ref, ours = make_models("alex", dev)
     x, y = random_u8(n, px, dev, 40), random_u8(n, px, dev, 41)
-    for dtype, graphs in ((torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)):
+    # bf16 compiled + graphs is checked (against the reference) and timed by the throughput rows.
+    for dtype, graphs in ((torch.float32, True), (torch.bfloat16, False)):
         tag = f"alex {str(dtype).split('.')[-1]} compile graphs={graphs}"
         with exact_fp32():
             want = _expect(ref, x, y)
@@ -704,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="smoke mode: non-CUDA parts on the CPU, tiny shapes")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu_check-<device>-<date>.json)")
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds after which remaining throughput rows are skipped")
+    ap.add_argument("--budget", type=float, default=330.0,
+                    help="seconds after which remaining throughput rows are skipped (keeps the run under 8 min)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.cpu
