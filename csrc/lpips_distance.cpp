@@ -156,6 +156,45 @@ LPIPS_NO_MEMCPY_IDIOM bool load_run_sq(const scalar_t* base, const Geo& g, int64
   return true;
 }
 
+// channels_last forward, one pixel at a time: its two C-vectors are contiguous, so both passes
+// (norms, then the weighted distance) are reductions over c in 8 interleaved lanes (vectorised,
+// fixed order), and the second pass reads the vectors from L1. No tile buffer.
+template <typename scalar_t, typename acc_t>
+void cl_sum_squares(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t C, acc_t& sx, acc_t& sy) {
+  acc_t lx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ly[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    for (int j = 0; j < 8; ++j) {
+      const acc_t a = static_cast<acc_t>(x[c + j]), b = static_cast<acc_t>(y[c + j]);
+      lx[j] += a * a;
+      ly[j] += b * b;
+    }
+  for (int j = 0; c < C; ++c, ++j) {
+    const acc_t a = static_cast<acc_t>(x[c]), b = static_cast<acc_t>(y[c]);
+    lx[j] += a * a;
+    ly[j] += b * b;
+  }
+  sx = ((lx[0] + lx[4]) + (lx[1] + lx[5])) + ((lx[2] + lx[6]) + (lx[3] + lx[7]));
+  sy = ((ly[0] + ly[4]) + (ly[1] + ly[5])) + ((ly[2] + ly[6]) + (ly[3] + ly[7]));
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t cl_weighted_sq_diff(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                          const acc_t* __restrict__ wv, int64_t C, acc_t ia, acc_t ib) {
+  acc_t l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    for (int j = 0; j < 8; ++j) {
+      const acc_t diff = static_cast<acc_t>(x[c + j]) * ia - static_cast<acc_t>(y[c + j]) * ib;
+      l[j] += wv[c + j] * (diff * diff);
+    }
+  for (int j = 0; c < C; ++c, ++j) {
+    const acc_t diff = static_cast<acc_t>(x[c]) * ia - static_cast<acc_t>(y[c]) * ib;
+    l[j] += wv[c] * (diff * diff);
+  }
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
 // Calls f(n, p, col, len) for each run of one image's pixels inside tile columns [q0, q0 + pb).
 template <typename F>
 void for_each_run(int64_t q0, int64_t pb, int64_t P, F&& f) {
@@ -295,8 +334,26 @@ at::Tensor distance_fwd_cpu(const at::Tensor& feat0, const at::Tensor& feat1,
     std::vector<acc_t> scratch(spatial ? 0 : NP);
     acc_t* dmap = spatial ? out.data_ptr<acc_t>() : scratch.data();
     const acc_t e = static_cast<acc_t>(eps);
+    // Both inputs channels_last (channel stride 1, pixels apart): the per-pixel direct path.
+    const bool cl_direct = C > 1 && gx.sc == 1 && gy.sc == 1 && gx.sp != 1 && gy.sp != 1;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C * PB, 1));
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      if (cl_direct) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+          for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+            for (int64_t j = 0; j < len; ++j) {
+              const scalar_t* px = xp + n * gx.sn + (p + j) * gx.sp;
+              const scalar_t* py = yp + n * gy.sn + (p + j) * gy.sp;
+              acc_t sxx, syy;
+              cl_sum_squares(px, py, C, sxx, syy);
+              const acc_t ia = acc_t(1) / (std::sqrt(sxx) + e), ib = acc_t(1) / (std::sqrt(syy) + e);
+              dmap[q0 + col + j] = cl_weighted_sq_diff(px, py, wv.data(), C, ia, ib);
+            }
+          });
+        }
+        return;
+      }
       std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);

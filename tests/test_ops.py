@@ -76,9 +76,10 @@ def test_fp32_matches_fp64_oracle(backend, shape, channels_last, spatial, weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("spatial", [False, True])
-def test_low_precision_within_twice_torch_error(dtype, spatial):
-    x, y, w = _feats(3, 192, 7, 7, dtype=dtype, seed=7)  # fp32 weight with low-precision features
+@pytest.mark.parametrize("spatial,channels_last", [(False, False), (True, False), (True, True)])
+def test_low_precision_within_twice_torch_error(dtype, spatial, channels_last):
+    # fp32 weight with low-precision features
+    x, y, w = _feats(3, 192, 7, 7, dtype=dtype, seed=7, channels_last=channels_last)
     ref64 = lpips_distance_reference(x, y, w, spatial=spatial)
     torch_err = (lpips_distance_reference(x, y, w, spatial=spatial, upcast=False).double() - ref64).abs().max()
     for backend in BACKENDS:
