@@ -4,10 +4,13 @@ One "step" is every layer of a trunk: ``sum_k lpips_distance(f0_k, f1_k, w_k)`` 
 feature shapes that alex / vgg16 produce at 64 px (batch 16) and 256 px (batch 2). Providers:
 ``fused`` (the C++ kernel, ``backend=None`` on the CPU) and ``eager`` (the reference's ops in the
 features' dtype: normalize, subtract, square, 1x1 conv, spatial mean). Modes: ``forward`` (no
-grad) and ``train`` (forward + backward to both features and the lin weights).
+grad) and ``train`` (forward + backward to both features and the lin weights). Layouts: NCHW and
+channels_last (what the trunk produces on the CPU for alex and squeeze).
 
 Run:  python -m pytest benchmarks/bench_distance.py --benchmark-only -q \\
-          --benchmark-group-by=param:net,param:px,param:mode --benchmark-columns=min,median,rounds
+          --benchmark-group-by=param:net,param:px,param:mode,param:layout \\
+          --benchmark-columns=min,median,rounds
+      (OMP_NUM_THREADS=1 in front gives steadier numbers on a shared machine.)
 Target (issue 3): alex, 64 px, batch 16, forward: fused >= 4x faster than eager.
 """
 
@@ -35,13 +38,14 @@ def _vgg_shapes(px: int):
 SHAPES = {"alex": _alex_shapes, "vgg": _vgg_shapes}
 
 
-def _features(net: str, px: int, seed: int = 0):
+def _features(net: str, px: int, layout: str = "nchw", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     n = BATCH[px]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     out = []
     for c, h, w in SHAPES[net](px):
-        x = torch.randn(n, c, h, w, generator=g).relu_()
-        y = torch.randn(n, c, h, w, generator=g).relu_()
+        x = torch.randn(n, c, h, w, generator=g).relu_().contiguous(memory_format=fmt)
+        y = torch.randn(n, c, h, w, generator=g).relu_().contiguous(memory_format=fmt)
         out.append((x, y, torch.rand(c, generator=g)))
     return out
 
@@ -57,18 +61,20 @@ def _eager(feats, spatial=False):
 PROVIDERS = {"fused": _fused, "eager": _eager}
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["forward", "train"])
 @pytest.mark.parametrize("px", [64, 256])
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 @pytest.mark.parametrize("provider", ["fused", "eager"])
-def test_distance_step(benchmark, provider, net, px, mode):
-    feats = _features(net, px)
+def test_distance_step(benchmark, provider, net, px, mode, layout):
+    feats = _features(net, px, layout)
     fn = PROVIDERS[provider]
     # correctness first: same numbers as the fp64 oracle
     ref = sum(lpips_distance_reference(x, y, w).sum() for x, y, w in feats)
     torch.testing.assert_close(fn(feats).double(), ref, rtol=1e-5, atol=0)
     benchmark.extra_info.update(
-        provider=provider, net=net, px=px, batch=BATCH[px], mode=mode, threads=torch.get_num_threads(),
+        provider=provider, net=net, px=px, batch=BATCH[px], mode=mode, layout=layout,
+        threads=torch.get_num_threads(),
         torch=torch.__version__,
     )  # fmt: skip
 
