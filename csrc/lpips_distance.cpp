@@ -157,14 +157,24 @@ LPIPS_NO_MEMCPY_IDIOM bool load_run_sq(const scalar_t* base, const Geo& g, int64
 }
 
 // channels_last forward, one pixel at a time: its two C-vectors are contiguous, so both passes
-// (norms, then the weighted distance) are reductions over c in 8 interleaved lanes (vectorised,
-// fixed order), and the second pass reads the vectors from L1. No tile buffer.
+// (norms, then the weighted distance) are reductions over c in kLanes interleaved lanes (four
+// independent 8-wide vectors: vectorised, short dependency chains, fixed order), and the second
+// pass reads the vectors from L1. No tile buffer.
+constexpr int kLanes = 32;
+
+template <typename acc_t>
+acc_t lanes_total(const acc_t* l) {
+  acc_t t[8];
+  for (int j = 0; j < 8; ++j) t[j] = (l[j] + l[j + 8]) + (l[j + 16] + l[j + 24]);
+  return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+}
+
 template <typename scalar_t, typename acc_t>
 void cl_sum_squares(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t C, acc_t& sx, acc_t& sy) {
-  acc_t lx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ly[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  acc_t lx[kLanes] = {}, ly[kLanes] = {};
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8)
-    for (int j = 0; j < 8; ++j) {
+  for (; c + kLanes <= C; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
       const acc_t a = static_cast<acc_t>(x[c + j]), b = static_cast<acc_t>(y[c + j]);
       lx[j] += a * a;
       ly[j] += b * b;
@@ -174,17 +184,17 @@ void cl_sum_squares(const scalar_t* __restrict__ x, const scalar_t* __restrict__
     lx[j] += a * a;
     ly[j] += b * b;
   }
-  sx = ((lx[0] + lx[4]) + (lx[1] + lx[5])) + ((lx[2] + lx[6]) + (lx[3] + lx[7]));
-  sy = ((ly[0] + ly[4]) + (ly[1] + ly[5])) + ((ly[2] + ly[6]) + (ly[3] + ly[7]));
+  sx = lanes_total(lx);
+  sy = lanes_total(ly);
 }
 
 template <typename scalar_t, typename acc_t>
 acc_t cl_weighted_sq_diff(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                           const acc_t* __restrict__ wv, int64_t C, acc_t ia, acc_t ib) {
-  acc_t l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  acc_t l[kLanes] = {};
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8)
-    for (int j = 0; j < 8; ++j) {
+  for (; c + kLanes <= C; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
       const acc_t diff = static_cast<acc_t>(x[c + j]) * ia - static_cast<acc_t>(y[c + j]) * ib;
       l[j] += wv[c + j] * (diff * diff);
     }
@@ -192,7 +202,7 @@ acc_t cl_weighted_sq_diff(const scalar_t* __restrict__ x, const scalar_t* __rest
     const acc_t diff = static_cast<acc_t>(x[c]) * ia - static_cast<acc_t>(y[c]) * ib;
     l[j] += wv[c] * (diff * diff);
   }
-  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+  return lanes_total(l);
 }
 
 // Calls f(n, p, col, len) for each run of one image's pixels inside tile columns [q0, q0 + pb).
