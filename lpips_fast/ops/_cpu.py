@@ -68,8 +68,23 @@ def _kernels_registered() -> bool:
         return False
 
 
+def _import_cpp_extension():
+    # Its import logs "No CUDA runtime is found, using CUDA_HOME=..." on CPU-only machines: noise
+    # for a CPU build, so it is silenced for the import only.
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(old)
+    return cpp_extension
+
+
 def _build(verbose: bool) -> None:
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension()
 
     build_dir = build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
