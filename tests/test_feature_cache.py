@@ -57,7 +57,13 @@ def test_second_run_skips_the_trunk(world, tmp_path, monkeypatch):
     # files (d0/corrupt.png repeats astronaut.png's bytes, cached a window earlier); the second
     # only the 4 whose features were never computed (corrupt, truncated, both mismatch.png).
     assert (n_decodes, len(decodes)) == (17, 4)
-    assert [(r.path0, r.lpips, r.error) for r in first] == [(r.path0, r.lpips, r.error) for r in second]
+    # Same rows and errors; values equal to float32 rounding (the trunk's channels_last convolutions
+    # round differently with the batch's composition, and cached features come back NCHW).
+    assert [(r.path0, r.error) for r in first] == [(r.path0, r.error) for r in second]
+    for a, b in zip(first, second):
+        assert (a.lpips is None) == (b.lpips is None)
+        if a.lpips is not None:
+            assert abs(a.lpips - b.lpips) <= 1e-6
     print(f"cache: first run {t1 - t0:.3f}s, second run {t2 - t1:.3f}s (trunk skipped)")
     # ref: the reference's features come from the cache too
     seen, h = _count_trunk(model)
@@ -78,7 +84,15 @@ def test_cli_cache_hits_in_summary(world, tmp_path, capsys):
     assert "cache_hits=0 cache_misses=12" in capsys.readouterr().out
     assert cli.main(args + ["-o", str(tmp_path / "b.csv")]) == 3
     assert "cache_hits=12 cache_misses=0" in capsys.readouterr().out
-    assert open(tmp_path / "a.csv").read() == open(tmp_path / "b.csv").read()
+    rows_a = open(tmp_path / "a.csv").read().splitlines()
+    rows_b = open(tmp_path / "b.csv").read().splitlines()
+    assert len(rows_a) == len(rows_b) and rows_a[0] == rows_b[0]
+    for a, b in zip(rows_a[1:], rows_b[1:]):  # path0,path1,lpips,error
+        pa, pb = a.split(",", 3), b.split(",", 3)
+        assert pa[:2] == pb[:2] and pa[3] == pb[3]
+        assert (pa[2] == "") == (pb[2] == "")
+        if pa[2]:
+            assert abs(float(pa[2]) - float(pb[2])) <= 1e-6  # float32 rounding, see above
 
 
 def test_key_depends_on_trunk_dtype_size_and_version(world):
