@@ -573,6 +573,7 @@ def section_fallbacks(c: Checker) -> None:
             raise RuntimeError("simulated Inductor failure")
 
         e._features_fn = broken_compiled
+        e._compiled_active = True
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             a = e(x, y)

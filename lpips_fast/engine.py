@@ -138,9 +138,11 @@ class Engine:
         self.net = model.pnet_type
 
         self._features_fn: Callable[[torch.Tensor], list[torch.Tensor]] = self._features_eager
+        self._compiled_active = False  # True while _features_fn is the torch.compile'd function
         if self.compile:
             try:
                 self._features_fn = torch.compile(self._features_eager, dynamic=False)
+                self._compiled_active = True
             except Exception as e:  # torch.compile itself is lazy; this only catches setup errors
                 self._fallback("compile", e)
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
@@ -181,11 +183,12 @@ class Engine:
         try:
             return self._compute(in0, in1)
         except Exception as e:
-            if self._features_fn is self._features_eager:
+            # Out of memory is the caller's to handle (the dataset layer halves the batch); an
+            # eager run has nothing to fall back to.
+            if not self._compiled_active or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             # Compilation happens on the first call of each shape: fall back once, then retry.
             self._fallback("compile", e)
-            self._features_fn = self._features_eager
             return self._compute(in0, in1)
 
     # -- public API -----------------------------------------------------------------------
@@ -215,8 +218,11 @@ class Engine:
     def _call_chunk(self, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
         if not self.cuda_graphs:
             with nvtx_range("lpips_fast/h2d"):
-                a = a.to(self.device, non_blocking=True).expand(n, *a.shape[1:])
-                b = b.to(self.device, non_blocking=True).expand(n, *b.shape[1:])
+                # non_blocking only towards a GPU: a device-to-host copy must finish before the
+                # CPU reads it.
+                nb = self.device.type == "cuda"
+                a = a.to(self.device, non_blocking=nb).expand(n, *a.shape[1:])
+                b = b.to(self.device, non_blocking=nb).expand(n, *b.shape[1:])
             if a.dtype != b.dtype:  # two float dtypes (uint8 with float is rejected in _check)
                 a, b = a.to(torch.float32), b.to(torch.float32)
             return self._run_eager(a, b)
@@ -237,7 +243,8 @@ class Engine:
         return (batch, a.shape[1], a.shape[2], a.shape[3], dt)
 
     def _graph_for(self, n: int, a: torch.Tensor, b: torch.Tensor) -> _Graph | None:
-        want = self._key(n, a, b)
+        # With batch_size set, capture at that size so one graph per image size serves every call.
+        want = self._key(max(n, self.batch_size or 0), a, b)
         # Reuse the smallest captured batch that holds n pairs of the same image shape.
         best = None
         for key in self._graphs:
@@ -316,6 +323,7 @@ class Engine:
         if kind == "compile":
             self.compile = False
             self._features_fn = self._features_eager
+            self._compiled_active = False
 
     def _check(self, img0: Any, img1: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
         for name, x in (("img0", img0), ("img1", img1)):

@@ -212,6 +212,34 @@ def test_graph_batch_size_and_broadcast(alex):
     assert list(e._graphs) == [(4, 3, 32, 32, torch.float32)]
 
 
+def test_graph_batch_size_small_first_call_captures_once(alex):
+    """batch_size=4: a first call of 2 pairs captures the 4-graph, which then serves 7 pairs."""
+    e = _graph_engine(alex, batch_size=4)
+    x, y = torch.rand(7, 3, 32, 32) * 2 - 1, torch.rand(7, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = alex(x, y)
+    torch.testing.assert_close(e(x[:2], y[:2]), ref[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(e(x, y), ref, atol=1e-5, rtol=0)
+    assert list(e._graphs) == [(4, 3, 32, 32, torch.float32)] and e.stats["captures"] == 1
+
+
+def test_eager_errors_are_not_reported_as_compile_failures(alex):
+    """An error in the eager path propagates once, with no compile warning and no rerun."""
+    e = Engine(model=alex, device="cpu", compile=False)
+    calls = []
+
+    def boom(x):
+        calls.append(1)
+        raise MemoryError("simulated")
+
+    e._features_fn = boom
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(MemoryError):
+            e(torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert calls == [1]
+
+
 def test_capture_failure_falls_back_with_one_warning(alex):
     e = Engine(model=alex, device="cpu")
     e.cuda_graphs = True
