@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nets import TRUNK_CHANNELS, build_trunk, canonical_net_name
-from .ops import lpips_distance
+from .ops import lpips_distance, unit_normalize
 from .profiling import nvtx_range
 from .validation import NONFINITE_POLICIES, check_finite, check_image_pair
 
@@ -235,7 +235,8 @@ class LPIPS(nn.Module):
             for kk, (f0, f1, w) in enumerate(zip(feats0, feats1, self.lin_weights())):
                 if dropout:
                     # Training the lin layers with dropout: materialise the diff (reference order).
-                    d = self.lins[kk](_unit_diff_sq(f0, f1))
+                    # NCHW so that dropout draws its mask in the reference's element order.
+                    d = self.lins[kk](_unit_diff_sq(f0, f1).contiguous())
                     r = d if self.spatial else d.mean([2, 3], keepdim=True)
                 else:
                     r = lpips_distance(f0, f1, w, spatial=self.spatial)
@@ -293,6 +294,5 @@ def _lin_aliases(key: str) -> list[str]:
 
 
 def _unit_diff_sq(f0: torch.Tensor, f1: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    n0 = f0 / (torch.sqrt(torch.sum(f0**2, dim=1, keepdim=True)) + eps)
-    n1 = f1 / (torch.sqrt(torch.sum(f1**2, dim=1, keepdim=True)) + eps)
-    return (n0 - n1) ** 2
+    # The op's masked normalisation: a zero gradient, not NaN, at all-zero feature columns.
+    return (unit_normalize(f0, eps) - unit_normalize(f1, eps)) ** 2

@@ -183,3 +183,26 @@ def test_functional_caches_one_model_per_config():
     assert len(functional._models) == 1
     lpips_fast.lpips(x.double(), y.double(), net="alex")
     assert len(functional._models) == 2
+
+
+def test_train_mode_with_dropout_matches_reference_and_has_finite_gradients():
+    """Training the lin layers (train mode, dropout on): same values as the reference for the same
+    RNG state, and no NaN gradient at an all-zero feature column (the reference's trap)."""
+    import copy
+
+    ref, ours = make_pair("alex")
+    ref, ours = copy.deepcopy(ref).train(), copy.deepcopy(ours).train()
+    x, y = _images(2, 48, 48, 11), _images(2, 48, 48, 12)
+    torch.manual_seed(3)
+    a = ref(x, y)
+    torch.manual_seed(3)
+    b = ours(x, y)
+    _close(a, b)
+
+    # Zero columns in layer 2: a huge negative bias kills every channel of slice2's conv.
+    with torch.no_grad():
+        getattr(ours.net.slice2, "3").bias.fill_(-1e4)
+    xg = x.clone().requires_grad_(True)
+    ours(xg, y).sum().backward()
+    assert torch.isfinite(xg.grad).all()
+    assert all(torch.isfinite(lin.weight.grad).all() for lin in ours.lins)

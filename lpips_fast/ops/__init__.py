@@ -39,9 +39,10 @@ import torch
 
 from . import _cpu, _eager
 from ._cpu import build_cpu_extension
+from ._eager import unit_normalize
 from .reference import lpips_distance_reference
 
-__all__ = ["lpips_distance", "lpips_distance_reference", "build_cpu_extension"]
+__all__ = ["lpips_distance", "lpips_distance_reference", "build_cpu_extension", "unit_normalize"]
 
 _BACKENDS = ("torch", "triton", "cpp")
 _FWD_SCHEMA = "(Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, float eps) -> Tensor"

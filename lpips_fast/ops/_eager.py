@@ -23,7 +23,8 @@ def grad_memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if t.shape[1] > 1 and t.stride(1) == 1 else torch.contiguous_format
 
 
-def _normalized(t: torch.Tensor, eps: float) -> torch.Tensor:
+def unit_normalize(t: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """``t / (|t|_2 + eps)`` over dim 1, with a zero gradient (not NaN) where ``|t| = 0``."""
     norm = torch.linalg.vector_norm(t, dim=1, keepdim=True)
     scale = torch.where(norm > 0, 1.0 / (norm + eps), torch.zeros_like(norm))
     return t * scale
@@ -37,7 +38,7 @@ def distance_torch(
     eps: float,
 ) -> torch.Tensor:
     acc = acc_dtype(feat0.dtype)
-    d = (_normalized(feat0.to(acc), eps) - _normalized(feat1.to(acc), eps)) ** 2
+    d = (unit_normalize(feat0.to(acc), eps) - unit_normalize(feat1.to(acc), eps)) ** 2
     if weight is not None:
         d = d * weight.to(acc).reshape(1, -1, 1, 1)
     d = d.sum(dim=1, keepdim=True)
