@@ -81,6 +81,8 @@ class EagerReference(torch.nn.Module):
     def __init__(self, ours: lpips_fast.LPIPS) -> None:
         super().__init__()
         self.m = copy.deepcopy(ours)
+        # The reference runs NCHW: a channels_last trunk here would compare NHWC with NHWC.
+        self.m.net.to(memory_format=torch.contiguous_format)
 
     def forward(self, in0, in1, retPerLayer=False, normalize=False):
         m = self.m

@@ -21,7 +21,7 @@ def _cached_model(net: str, version: str, lpips: bool, spatial: bool, device: to
         model = _models.get(key)
         if model is None:
             model = LPIPS(net=key[0], version=key[1], lpips=key[2], spatial=key[3])
-            model = model.to(device=device, dtype=dtype).eval()
+            model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
             _models[key] = model
         return model
 

@@ -273,8 +273,7 @@ class LPIPS(nn.Module):
         p = self.scaling_layer.shift
         in0, in1 = check_image_pair(in0, in1, device=p.device, min_size=self.net.min_size, net=self.pnet_type)
         if self.nonfinite == "raise":
-            check_finite("in0", in0)
-            check_finite("in1", in1)
+            check_finite(in0, in1)
         n = max(in0.shape[0], in1.shape[0]) if 0 not in (in0.shape[0], in1.shape[0]) else 0
         if n == 0:
             shape = (0, 1) + (tuple(in0.shape[2:]) if self.spatial else (1, 1))

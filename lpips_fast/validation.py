@@ -60,16 +60,18 @@ def check_image_pair(
     return a, b
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise if ``x`` holds NaN or Inf (a device sync; skipped while compiling or capturing)."""
-    if x.numel() == 0:
-        return
+def check_finite(in0: torch.Tensor, in1: torch.Tensor) -> None:
+    """Raise if either input holds NaN or Inf: one device sync for both (skipped while compiling
+    or capturing a CUDA graph)."""
     if torch.compiler.is_compiling():
         return
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    if in0.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"{name}: holds NaN or Inf values; pass nonfinite='propagate' to LPIPS(...) to let them "
-            f"flow through as the reference lpips does"
-        )
+    if bool(torch.isfinite(in0).all() & torch.isfinite(in1).all()):
+        return
+    for name, x in (("in0", in0), ("in1", in1)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{name}: holds NaN or Inf values; pass nonfinite='propagate' to LPIPS(...) to let "
+                f"them flow through as the reference lpips does"
+            )

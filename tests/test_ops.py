@@ -335,3 +335,22 @@ def test_autocast_bf16_features_fp32_weight():
     assert x.grad.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.float32
     ref = lpips_distance_reference(x.detach(), y, lin.weight.detach().view(-1))
     torch.testing.assert_close(out.detach().double(), ref, rtol=1e-5, atol=0)
+
+
+def test_cuda_default_without_triton_falls_back_to_eager(monkeypatch):
+    """Where triton cannot be imported (e.g. Windows CUDA builds), the default CUDA backend is the
+    eager composite with one warning, not an error (checked on the CPU by faking the device)."""
+    import lpips_fast.ops as ops
+
+    def no_triton():
+        raise RuntimeError("lpips_distance: backend 'triton' needs the triton package (simulated)")
+
+    monkeypatch.setattr(ops, "_triton_ops", no_triton)
+    monkeypatch.setattr(ops, "_cuda_default", None)
+    with pytest.warns(RuntimeWarning, match="eager composite on CUDA"):
+        assert ops._default_cuda_backend() == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops._default_cuda_backend() == "torch"

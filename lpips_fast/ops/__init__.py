@@ -134,16 +134,35 @@ def _triton_ops():
     """The Triton op module, imported on first use (importing triton costs ~0.3 s)."""
     global _triton_mod
     if _triton_mod is None:
-        import importlib
-
+        # A plain import statement: Dynamo traces it (importlib.import_module it refuses, which
+        # broke torch.compile(fullgraph=True) on the first CUDA call).
         try:
-            _triton_mod = importlib.import_module(__name__ + "._triton")
+            from . import _triton as mod
         except ImportError as exc:
             raise RuntimeError(
                 f"lpips_distance: backend 'triton' needs the triton package ({exc}); "
-                "use backend='cpp' or 'torch' on the CPU"
+                "use backend='torch' (any device) or 'cpp' (CPU)"
             ) from exc
+        _triton_mod = mod
     return _triton_mod
+
+
+_cuda_default: Optional[str] = None
+
+
+def _default_cuda_backend() -> str:
+    """'triton', or 'torch' with one warning where triton cannot be imported (e.g. Windows builds)."""
+    global _cuda_default
+    if _cuda_default is None:
+        try:
+            _triton_ops()
+            _cuda_default = "triton"
+        except RuntimeError as exc:
+            import warnings
+
+            warnings.warn(f"{exc}; using the slower eager composite on CUDA", RuntimeWarning, stacklevel=4)
+            _cuda_default = "torch"
+    return _cuda_default
 
 
 # ----------------------------------------------------------------------------- public wrapper
@@ -243,7 +262,7 @@ def lpips_distance(
     eps = float(eps)
     if backend is None:
         device_type = feat0.device.type
-        backend = "cpp" if device_type == "cpu" else "triton" if device_type == "cuda" else "torch"
+        backend = "cpp" if device_type == "cpu" else _default_cuda_backend() if device_type == "cuda" else "torch"
     if backend == "cpp":
         if (
             not (torch.is_grad_enabled() and _requires_grad(feat0, feat1, weight))
