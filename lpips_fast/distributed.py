@@ -96,7 +96,6 @@ def init_from_env(device: str | None = None) -> tuple[DistContext, str]:
     with CUDA each rank takes ``cuda:LOCAL_RANK`` and the nccl backend; on the CPU gloo.
     """
     world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", 0)
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from .model import LPIPS
 from .nets import canonical_net_name

@@ -9,7 +9,6 @@ keys (``features.{index}.weight``) onto the slices.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping
 
 import torch

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from . import _cpu, _eager
+from ._autograd import grads_empty, make_backward, out_empty, setup_context
 from ._cpu import build_cpu_extension
 from ._eager import unit_normalize
 from .reference import lpips_distance_reference
@@ -52,45 +53,6 @@ _BWD_SCHEMA = (
 )
 
 
-# ----------------------------------------------------------------------------- shared pieces
-def _out_empty(feat0: torch.Tensor, spatial: bool) -> torch.Tensor:
-    """Output of the forward (also its fake): fp32, or fp64 for fp64 features; contiguous."""
-    n, _, h, w = feat0.shape
-    shape = (n, 1, h, w) if spatial else (n,)
-    return feat0.new_empty(shape, dtype=_eager.acc_dtype(feat0.dtype))
-
-
-def _grads_empty(feat0, feat1, weight, need_feat0, need_feat1, need_weight):
-    """Outputs of the backward (also its fake); an unneeded gradient is an empty tensor."""
-
-    def like(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_eager.grad_memory_format(t))
-
-    dx = like(feat0) if need_feat0 else feat0.new_empty(0)
-    dy = like(feat1) if need_feat1 else feat1.new_empty(0)
-    dw = weight.new_empty(weight.shape) if (need_weight and weight is not None) else feat0.new_empty(0)
-    return dx, dy, dw
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    feat0, feat1, weight, spatial, eps = inputs
-    ctx.save_for_backward(feat0, feat1, weight)
-    ctx.spatial, ctx.eps = spatial, eps
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad):
-        feat0, feat1, weight = ctx.saved_tensors
-        need_x, need_y, need_w = ctx.needs_input_grad[:3]
-        need_w = bool(need_w and weight is not None)
-        if not (need_x or need_y or need_w):
-            return None, None, None, None, None
-        dx, dy, dw = backward_op(grad, feat0, feat1, weight, ctx.spatial, ctx.eps, need_x, need_y, need_w)
-        return (dx if need_x else None, dy if need_y else None, dw if need_w else None, None, None)
-
-    return backward
-
-
 # ----------------------------------------------------------------------------- CPU op (C++)
 @torch.library.custom_op("lpips_fast::distance_cpu", mutates_args=(), device_types="cpu", schema=_FWD_SCHEMA)
 def _distance_cpu(feat0, feat1, weight, spatial, eps):
@@ -102,7 +64,7 @@ def _distance_cpu(feat0, feat1, weight, spatial, eps):
 
 @_distance_cpu.register_fake
 def _(feat0, feat1, weight, spatial, eps):
-    return _out_empty(feat0, spatial)
+    return out_empty(feat0, spatial)
 
 
 @torch.library.custom_op(
@@ -120,10 +82,10 @@ def _distance_cpu_backward(grad, feat0, feat1, weight, spatial, eps, need_feat0,
 
 @_distance_cpu_backward.register_fake
 def _(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
-    return _grads_empty(feat0, feat1, weight, need_feat0, need_feat1, need_weight)
+    return grads_empty(feat0, feat1, weight, need_feat0, need_feat1, need_weight)
 
 
-_distance_cpu.register_autograd(_make_backward(_distance_cpu_backward), setup_context=_setup_context)
+_distance_cpu.register_autograd(make_backward(_distance_cpu_backward), setup_context=setup_context)
 
 
 # ----------------------------------------------------------------------------- CUDA op (Triton)

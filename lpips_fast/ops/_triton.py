@@ -20,16 +20,11 @@ import triton
 import triton.language as tl
 
 from . import _eager
+from ._autograd import grads_empty, make_backward, setup_context
 
 __all__ = ["distance_triton", "distance_triton_backward"]
 
-try:  # torch >= 2.6
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # pragma: no cover - older torch: opaque custom op, kernel launched directly
-    triton_op = None
-
-    def wrap_triton(kernel):
-        return kernel
+from torch.library import triton_op, wrap_triton  # torch >= 2.6, the package's floor
 
 
 _TILE = 4096  # BLOCK_C * BLOCK_P elements per tensor and program
@@ -231,12 +226,7 @@ def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, 
     n, c, h, w = x.shape
     p = h * w
     acc = _eager.acc_dtype(x.dtype)
-
-    def grad_like(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_eager.grad_memory_format(t))
-
-    dx = grad_like(feat0) if need_feat0 else feat0.new_empty(0)
-    dy = grad_like(feat1) if need_feat1 else feat1.new_empty(0)
+    dx, dy, _ = grads_empty(feat0, feat1, weight, need_feat0, need_feat1, False)
     if n * p == 0 or not (need_feat0 or need_feat1 or need_weight):
         dx.zero_()
         dy.zero_()
@@ -288,49 +278,6 @@ def distance_triton_backward(
     return _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight)
 
 
-if triton_op is not None:
-    distance_triton = triton_op("lpips_fast::distance_triton", mutates_args=())(distance_triton)
-    distance_triton_backward = triton_op("lpips_fast::distance_triton_backward", mutates_args=())(
-        distance_triton_backward
-    )
-else:  # pragma: no cover
-    distance_triton = torch.library.custom_op("lpips_fast::distance_triton", mutates_args=())(distance_triton)
-    distance_triton_backward = torch.library.custom_op("lpips_fast::distance_triton_backward", mutates_args=())(
-        distance_triton_backward
-    )
-
-    @distance_triton.register_fake
-    def _(feat0, feat1, weight, spatial, eps):
-        n, _, h, w = feat0.shape
-        return feat0.new_empty((n, 1, h, w) if spatial else (n,), dtype=_eager.acc_dtype(feat0.dtype))
-
-    @distance_triton_backward.register_fake
-    def _(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
-        def like(t):
-            return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_eager.grad_memory_format(t))
-
-        need_weight = need_weight and weight is not None
-        return (
-            like(feat0) if need_feat0 else feat0.new_empty(0),
-            like(feat1) if need_feat1 else feat1.new_empty(0),
-            weight.new_empty(weight.shape) if need_weight else feat0.new_empty(0),
-        )
-
-
-def _setup_context(ctx, inputs, output):
-    feat0, feat1, weight, spatial, eps = inputs
-    ctx.save_for_backward(feat0, feat1, weight)
-    ctx.spatial, ctx.eps = spatial, eps
-
-
-def _backward_formula(ctx, grad):
-    feat0, feat1, weight = ctx.saved_tensors
-    need_x, need_y, need_w = ctx.needs_input_grad[:3]
-    need_w = bool(need_w and weight is not None)
-    if not (need_x or need_y or need_w):
-        return None, None, None, None, None
-    dx, dy, dw = distance_triton_backward(grad, feat0, feat1, weight, ctx.spatial, ctx.eps, need_x, need_y, need_w)
-    return (dx if need_x else None, dy if need_y else None, dw if need_w else None, None, None)
-
-
-distance_triton.register_autograd(_backward_formula, setup_context=_setup_context)
+distance_triton = triton_op("lpips_fast::distance_triton", mutates_args=())(distance_triton)
+distance_triton_backward = triton_op("lpips_fast::distance_triton_backward", mutates_args=())(distance_triton_backward)
+distance_triton.register_autograd(make_backward(distance_triton_backward), setup_context=setup_context)
