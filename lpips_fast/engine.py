@@ -69,8 +69,8 @@ class Engine:
             Dynamo recompile; past ``torch._dynamo.config.recompile_limit`` (default 8) Dynamo
             runs the function eagerly.
         cuda_graphs: capture one graph per shape (CUDA only; ignored on CPU). Default True.
-        channels_last: trunk memory format; default True on CUDA (tensor-core convolutions),
-            and on the CPU (faster there for all three trunks), see ``_default_channels_last``.
+        channels_last: trunk memory format; default True (faster on CUDA's tensor cores and,
+            for all three trunks, on the CPU).
         normalize: float inputs are in [0, 1] (as ``LPIPS.forward(normalize=True)``); uint8
             inputs are always 0..255.
         max_graphs: how many captured shapes to keep (least recently used is dropped).
@@ -116,10 +116,10 @@ class Engine:
         self.batch_size = batch_size
         self.compile = bool(is_cuda if compile is None else compile)
         self.cuda_graphs = bool(cuda_graphs and is_cuda)
-        net_name = canonical_net_name(model.pnet_type if model is not None else net)
-        if channels_last is None:
-            channels_last = _default_channels_last(self.device, net_name)
-        self.channels_last = bool(channels_last)
+        # Default NHWC everywhere. CUDA: what tensor-core convolutions want. CPU (oneDNN, measured
+        # on the 2-core dev machines, benchmarks/README.md): 1.3-2.6x faster for alex and squeeze;
+        # for vgg's forward (the engine never runs a backward) 1.45x (64 px x16: 277 vs 407 ms).
+        self.channels_last = True if channels_last is None else bool(channels_last)
 
         if model is None:
             lpips_kwargs.setdefault("nonfinite", "propagate")
@@ -359,13 +359,3 @@ class Engine:
             f"Engine(net={self.net!r}, device={str(self.device)!r}, dtype={self.dtype}, compile={self.compile}, "
             f"cuda_graphs={self.cuda_graphs}, channels_last={self.channels_last}, graphs={len(self._graphs)})"
         )
-
-
-def _default_channels_last(device: torch.device, net: str) -> bool:
-    # CUDA: NHWC is what tensor-core convolutions want. CPU (oneDNN, measured on the 2-core dev
-    # machines, benchmarks/README.md): 1.3-2.6x faster for alex and squeeze; for vgg's forward
-    # (the engine never runs a backward) 1.45x on a quiet machine (vgg 64 px x16: 277 vs 407 ms).
-    return device.type == "cuda" or net in _CPU_CHANNELS_LAST_NETS
-
-
-_CPU_CHANNELS_LAST_NETS = ("alex", "squeeze", "vgg")
