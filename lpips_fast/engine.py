@@ -145,6 +145,7 @@ class Engine:
             except Exception as e:  # torch.compile itself is lazy; this only catches setup errors
                 self._fallback("compile", e)
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+        self._uncapturable: set[tuple] = set()  # shapes whose capture failed after others succeeded
         self._warned: set[str] = set()
         self._side_stream = None
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0, "evictions": 0}
@@ -215,7 +216,8 @@ class Engine:
     forward = __call__
 
     def _call_chunk(self, a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
-        if not self.cuda_graphs:
+        entry = self._graph_for(n, a, b) if self.cuda_graphs else None
+        if entry is None:  # no graphs, or this shape could not be captured
             with nvtx_range("lpips_fast/h2d"):
                 # non_blocking only towards a GPU: a device-to-host copy must finish before the
                 # CPU reads it.
@@ -225,9 +227,6 @@ class Engine:
             if a.dtype != b.dtype:  # two float dtypes (uint8 with float is rejected in _check)
                 a, b = a.to(torch.float32), b.to(torch.float32)
             return self._run_eager(a, b)
-        entry = self._graph_for(n, a, b)
-        if entry is None:  # capture failed: eager from now on
-            return self._call_chunk(a, b, n)
         with nvtx_range("lpips_fast/h2d"):
             # copy_ broadcasts a batch of 1 and moves host tensors (async from pinned memory).
             entry.in0[:n].copy_(a, non_blocking=True)
@@ -252,12 +251,19 @@ class Engine:
         if best is not None:
             self._graphs.move_to_end(best)
             return self._graphs[best]
+        if want in self._uncapturable:
+            return None
         try:
             entry = self._capture(want)
         except Exception as e:
-            self._fallback("cuda_graphs", e)
-            self.cuda_graphs = False
-            self._graphs.clear()
+            if self.stats["captures"] == 0:
+                # Nothing was ever captured: graphs do not work here, eager from now on.
+                self._fallback("cuda_graphs", e)
+                self.cuda_graphs = False
+            else:
+                # Other shapes captured fine (this one may be too big): only this shape runs eager.
+                self._fallback("cuda_graphs_shape", e)
+                self._uncapturable.add(want)
             return None
         self._graphs[want] = entry
         while len(self._graphs) > self.max_graphs:
@@ -312,10 +318,14 @@ class Engine:
     def _fallback(self, kind: str, err: BaseException) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            what = "torch.compile" if kind == "compile" else "CUDA graph capture"
+            what, scope = {
+                "compile": ("torch.compile", "running eager from now on"),
+                "cuda_graphs": ("CUDA graph capture", "running eager from now on"),
+                "cuda_graphs_shape": ("CUDA graph capture of a new shape", "shapes that fail run eager"),
+            }[kind]
             warnings.warn(
                 f"lpips_fast.Engine: {what} failed ({type(err).__name__}: {err}); "
-                f"running eager from now on (same results, slower)",
+                f"{scope} (same results, slower)",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -240,6 +240,33 @@ def test_eager_errors_are_not_reported_as_compile_failures(alex):
     assert calls == [1]
 
 
+def test_capture_failure_of_one_shape_keeps_the_other_graphs(alex):
+    """After a successful capture, a shape that fails to capture (e.g. out of memory) runs eager,
+    with one warning; graphs stay on for the shapes that work."""
+    e = _graph_engine(alex)
+    fake = e._capture
+
+    def capture(key):
+        if key[2] == 40:
+            raise RuntimeError("simulated capture OOM")
+        return fake(key)
+
+    e._capture = capture
+    x32, y32 = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    x40, y40 = torch.rand(2, 3, 40, 40) * 2 - 1, torch.rand(2, 3, 40, 40) * 2 - 1
+    with torch.no_grad():
+        r32, r40 = alex(x32, y32), alex(x40, y40)
+    torch.testing.assert_close(e(x32, y32), r32, atol=1e-5, rtol=0)
+    with pytest.warns(RuntimeWarning, match="capture of a new shape failed"):
+        torch.testing.assert_close(e(x40, y40), r40, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(e(x40, y40), r40, atol=1e-5, rtol=0)
+        torch.testing.assert_close(e(x32, y32), r32, atol=1e-5, rtol=0)
+    assert e.cuda_graphs is True
+    assert e.stats["captures"] == 1 and e.stats["replays"] == 2 and e.stats["eager_calls"] == 2
+
+
 def test_capture_failure_falls_back_with_one_warning(alex):
     e = Engine(model=alex, device="cpu")
     e.cuda_graphs = True
