@@ -10,7 +10,7 @@ image smaller than the trunk allows) is a row with ``lpips=None`` and a reason i
 nothing is dropped and nothing raises.
 
 Layering: files are decoded by ``data`` (in DataLoader workers), features come from the model's
-``features`` (the trunk) or the feature cache, distances from ``ops.lpips_distance``. The same
+``features`` (the trunk) or the feature cache, distances from the model's ``distances``. The same
 ``Session`` drives the CLI, including sharding under ``torchrun`` (``distributed``).
 """
 
@@ -367,32 +367,18 @@ class Session:
             self._pinned[key] = [f[0] for f in feats]
 
     def distances(self, f0: list[torch.Tensor], f1: list[torch.Tensor]) -> torch.Tensor:
-        """(B,) LPIPS values from per-layer features (the reference's layer order and sum)."""
-        from .ops import lpips_distance
-
-        total = None
-        for a, b, w in zip(f0, f1, self.model.lin_weights()):
-            r = lpips_distance(a, b, w, spatial=False)
-            total = r if total is None else total + r
-        return total
+        """(B,) LPIPS values from per-layer features (the model's own combination step)."""
+        return self.model.distances(f0, f1, spatial=False).view(-1)
 
     def spatial_map(self, d0: Decoded, d1: Decoded) -> tuple[torch.Tensor, float]:
         """The reference's ``spatial=True`` map of one same-size pair, (H, W) float32 on the CPU
         (each layer's map upsampled bilinearly to the image size and summed), and the scalar LPIPS."""
-        import torch.nn.functional as F
-
-        from .ops import lpips_distance
-
-        hw = d0.hw
         with torch.inference_mode():
             f = self.model.features(to_model_input([d0.array, d1.array], self.device, self.dtype))
-            heat = total = None
-            for t, w in zip(f, self.model.lin_weights()):
-                up = F.interpolate(lpips_distance(t[:1], t[1:], w, spatial=True).float(), size=hw, mode="bilinear", align_corners=False)
-                heat = up if heat is None else heat + up
-                s = lpips_distance(t[:1], t[1:], w, spatial=False)
-                total = s if total is None else total + s
-        return heat[0, 0].to("cpu", torch.float32), float(total[0])
+            f0, f1 = [t[:1] for t in f], [t[1:] for t in f]
+            heat = self.model.distances(f0, f1, out_hw=d0.hw, spatial=True)
+            total = self.model.distances(f0, f1, spatial=False)
+        return heat[0, 0].to("cpu", torch.float32), float(total.view(-1)[0])
 
     # -- OOM-aware chunking ------------------------------------------------------------------
     def _free(self) -> None:

@@ -227,8 +227,14 @@ class LPIPS(nn.Module):
         feats1: list[torch.Tensor],
         out_hw: tuple[int, int] | None = None,
         retPerLayer: bool = False,
+        spatial: bool | None = None,
     ):
-        """Combine per-layer features into the LPIPS value (the reference's forward from step 4 on)."""
+        """Combine per-layer features into the LPIPS value (the reference's forward from step 4 on).
+
+        ``spatial`` overrides the module's setting: (N,1,1,1) values, or (N,1,H,W) maps upsampled
+        to ``out_hw``.
+        """
+        spatial = self.spatial if spatial is None else spatial
         res = []
         dropout = self.lpips and self.training and self.use_dropout
         with nvtx_range("lpips_fast/distance"):
@@ -237,12 +243,12 @@ class LPIPS(nn.Module):
                     # Training the lin layers with dropout: materialise the diff (reference order).
                     # NCHW so that dropout draws its mask in the reference's element order.
                     d = self.lins[kk](_unit_diff_sq(f0, f1).contiguous())
-                    r = d if self.spatial else d.mean([2, 3], keepdim=True)
+                    r = d if spatial else d.mean([2, 3], keepdim=True)
                 else:
-                    r = lpips_distance(f0, f1, w, spatial=self.spatial)
-                    if not self.spatial:
+                    r = lpips_distance(f0, f1, w, spatial=spatial)
+                    if not spatial:
                         r = r.view(-1, 1, 1, 1)
-                if self.spatial:
+                if spatial:
                     r = F.interpolate(r, size=tuple(out_hw), mode="bilinear", align_corners=False)
                 res.append(r)
         val = res[0]
