@@ -207,19 +207,26 @@ class LPIPS(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return x
 
-    def _trunk_layout(self, x: torch.Tensor) -> torch.Tensor:
+    def _trunk_needs_grad(self) -> bool:
+        """Whether autograd will go through the trunk's own parameters (pnet_tune)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.net.parameters())
+
+    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Trunk taps of a preprocessed batch, in the fastest exact memory format."""
         nhwc = self._channels_last or (
             self._channels_last_no_grad
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.net.slice1[0].weight.requires_grad))
+            and not ((torch.is_grad_enabled() and x.requires_grad) or self._trunk_needs_grad())
         )
-        return x.contiguous(memory_format=torch.channels_last) if nhwc else x
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with nvtx_range("lpips_fast/trunk"):
+            return self.net(x)
 
     def features(self, x: torch.Tensor, normalize: bool = False) -> list[torch.Tensor]:
         """Trunk taps of one already-validated batch."""
         with nvtx_range("lpips_fast/preprocess"):
-            x = self._trunk_layout(self.preprocess(x, normalize))
-        with nvtx_range("lpips_fast/trunk"):
-            return self.net(x)
+            x = self.preprocess(x, normalize)
+        return self._trunk(x)
 
     def distances(
         self,
@@ -258,15 +265,15 @@ class LPIPS(nn.Module):
 
     def _pair_features(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool):
         grad_on = torch.is_grad_enabled()
-        trunk_grad = grad_on and any(p.requires_grad for p in self.net.parameters())
+        trunk_grad = self._trunk_needs_grad()
         need0 = grad_on and in0.requires_grad
         need1 = grad_on and in1.requires_grad
         n0 = in0.shape[0]
         if (need0 == need1 or trunk_grad) and in0.dtype == in1.dtype:
             # One batched trunk pass for both images.
-            x = self._trunk_layout(torch.cat([self.preprocess(in0, normalize), self.preprocess(in1, normalize)]))
-            with nvtx_range("lpips_fast/trunk"):
-                outs = self.net(x)
+            with nvtx_range("lpips_fast/preprocess"):
+                x = torch.cat([self.preprocess(in0, normalize), self.preprocess(in1, normalize)])
+            outs = self._trunk(x)
             return [o[:n0] for o in outs], [o[n0:] for o in outs]
         # Only one side needs gradients: never pay the trunk's backward for the other one.
         with torch.set_grad_enabled(need0 or trunk_grad):
@@ -280,8 +287,7 @@ class LPIPS(nn.Module):
         in0, in1 = check_image_pair(in0, in1, device=p.device, min_size=self.net.min_size, net=self.pnet_type)
         if self.nonfinite == "raise":
             check_finite(in0, in1)
-        n = max(in0.shape[0], in1.shape[0]) if 0 not in (in0.shape[0], in1.shape[0]) else 0
-        if n == 0:
+        if 0 in (in0.shape[0], in1.shape[0]):
             shape = (0, 1) + (tuple(in0.shape[2:]) if self.spatial else (1, 1))
             out = in0.new_zeros(shape)
             return (out, [out.clone() for _ in range(self.L)]) if retPerLayer else out
