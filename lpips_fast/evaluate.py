@@ -546,9 +546,12 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 # -- public API ------------------------------------------------------------------------------
 def _session(
-    net, version, model, device, dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes, ctx=None
+    net, version, model, device, dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes, distributed
 ) -> Session:
-    if ctx == "env":
+    """The Session behind the public ``evaluate_*`` functions (their keyword arguments, in order)."""
+    device = _auto_device(device, model)
+    ctx = None
+    if distributed:
         from .distributed import init_from_env
 
         ctx, dev = init_from_env(None if device is None else str(device))
@@ -611,8 +614,7 @@ def evaluate_pairs(
     distributed: bool = False,
 ) -> list[Row]:
     s = _session(
-        net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes,
-        ctx="env" if distributed else None,
+        net, version, model, device, dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes, distributed
     )
     return _collect(s, pair_specs(pairs), progress=progress)
 
@@ -636,8 +638,7 @@ def evaluate_dirs(
     distributed: bool = False,
 ) -> list[Row]:
     s = _session(
-        net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes,
-        ctx="env" if distributed else None,
+        net, version, model, device, dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes, distributed
     )
     return _collect(s, dir_specs(os.fspath(dir0), os.fspath(dir1)), progress=progress)
 
@@ -661,8 +662,7 @@ def evaluate_ref(
     distributed: bool = False,
 ) -> list[Row]:
     s = _session(
-        net, version, model, _auto_device(device, model), dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes,
-        ctx="env" if distributed else None,
+        net, version, model, device, dtype, batch_size, workers, resize, max_pixels, cache, cache_max_bytes, distributed
     )
     ref = os.fspath(ref)
     return _collect(s, ref_specs(ref, os.fspath(directory)), ref_file=ref, progress=progress)
