@@ -55,6 +55,16 @@ def _inv_norm(sum_sq, eps, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(PTR, base, offs_p, offs_c, sp, sc, mask, IS_F64: tl.constexpr):
+    """A [pixels, channels] tile (zeros outside ``mask``), upcast to the accumulation dtype."""
+    t = tl.load(PTR + base + offs_p[:, None] * sp + offs_c[None, :] * sc, mask=mask, other=0.0)
+    if IS_F64:
+        return t.to(tl.float64)
+    else:
+        return t.to(tl.float32)
+
+
+@triton.jit
 def _lpips_fwd_kernel(
     X, Y, Wt, OUT, C, P, n_pblocks,
     sxn, sxc, sxp, syn, syc, syp,
@@ -71,14 +81,8 @@ def _lpips_fwd_kernel(
     mask_c = offs_c < C
     mask_p = offs_p < P
     mask = mask_p[:, None] & mask_c[None, :]
-    x = tl.load(X + n * sxn + offs_p[:, None] * sxp + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    y = tl.load(Y + n * syn + offs_p[:, None] * syp + offs_c[None, :] * syc, mask=mask, other=0.0)
-    if IS_F64:
-        x = x.to(tl.float64)
-        y = y.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
+    x = _load_tile(X, n * sxn, offs_p, offs_c, sxp, sxc, mask, IS_F64)
+    y = _load_tile(Y, n * syn, offs_p, offs_c, syp, syc, mask, IS_F64)
     ia = _inv_norm(tl.sum(x * x, axis=1), eps, IS_F64)
     ib = _inv_norm(tl.sum(y * y, axis=1), eps, IS_F64)
     diff = x * ia[:, None] - y * ib[:, None]
@@ -110,14 +114,8 @@ def _lpips_bwd_kernel(
     mask_c = offs_c < C
     mask_p = offs_p < P
     mask = mask_p[:, None] & mask_c[None, :]
-    x = tl.load(X + n * sxn + offs_p[:, None] * sxp + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    y = tl.load(Y + n * syn + offs_p[:, None] * syp + offs_c[None, :] * syc, mask=mask, other=0.0)
-    if IS_F64:
-        x = x.to(tl.float64)
-        y = y.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
+    x = _load_tile(X, n * sxn, offs_p, offs_c, sxp, sxc, mask, IS_F64)
+    y = _load_tile(Y, n * syn, offs_p, offs_c, syp, syc, mask, IS_F64)
     if SPATIAL:
         g = tl.load(G + n * gsn + offs_p * gsp, mask=mask_p, other=0.0).to(x.dtype)
     else:
