@@ -166,10 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npy", default=None, metavar="OUT.npy", help="also save the raw (H, W) float32 map")
     p.set_defaults(func=cmd_map)
 
-    from lpips_fast.weights.cli import add_weights_parser
+    import importlib
 
-    add_weights_parser(sub)
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+# Command groups that live beside the library layer they drive. Each module defines
+# ``add_commands(subparsers)`` and imports nothing heavy at module level (the parser is built on
+# every invocation); its command functions return an exit status.
+COMMAND_GROUPS = ("lpips_fast.weights.cli",)
 
 
 # -- helpers ---------------------------------------------------------------------------------

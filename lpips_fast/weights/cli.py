@@ -1,6 +1,6 @@
 """``lpips-fast weights {fetch,list,verify}``.
 
-``add_weights_parser(subparsers)`` registers the ``weights`` command on the main CLI's
+``add_commands(subparsers)`` registers the ``weights`` command on the main CLI's
 sub-parsers; each sub-command sets ``func=handler(args) -> int`` (the exit code). Standalone:
 ``python -m lpips_fast.weights.cli fetch --net alex`` (the leading ``weights`` is optional).
 
@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["add_weights_parser", "main"]
+__all__ = ["add_commands", "main"]
 
 _NET_CHOICES = ("alex", "vgg", "vgg16", "squeeze", "all")
 
@@ -99,7 +99,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_weights_parser(subparsers) -> None:
+def add_commands(subparsers) -> None:
     """Register ``weights {fetch,list,verify}`` on an argparse sub-parsers object."""
     p = subparsers.add_parser(
         "weights", help="fetch, list and verify pretrained weights",
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "weights":
         argv = ["weights", *argv]
     parser = argparse.ArgumentParser(prog="lpips-fast")
-    add_weights_parser(parser.add_subparsers(dest="command"))
+    add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return int(args.func(args))
 
