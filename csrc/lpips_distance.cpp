@@ -18,8 +18,9 @@
 // cross-tile sum (spatial mean in fp64, weight gradient) runs in a fixed order afterwards, so
 // results are bitwise repeatable and independent of the number of threads.
 //
-// The ops are internal (`lpips_fast::_distance_fwd_cpu`, `lpips_fast::_distance_bwd_cpu`); the
-// public op, its fake kernel and its autograd live in lpips_fast/ops/__init__.py.
+// The ops are internal (`lpips_fast::_distance_fwd_cpu` / `_distance_bwd_cpu` for one layer,
+// `_distances_fwd_cpu` / `_distances_bwd_cpu` for all layers at once); their schemas, the public
+// custom ops with fake kernels and autograd live in lpips_fast/ops/_cpu.py and _schemas.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -319,75 +320,209 @@ std::vector<acc_t> weight_vector(const c10::optional<at::Tensor>& w, int64_t C) 
   return out;
 }
 
+// One layer's inputs walked as (N, C, P) pixel columns, cut into fixed tiles of PB columns.
+struct Layer {
+  at::Tensor x, y;
+  Geo gx, gy;
+  int64_t N, C, H, W, P, NP, PB, tasks;
+};
+
+Layer make_layer(const at::Tensor& feat0, const at::Tensor& feat1) {
+  Layer L;
+  L.x = walkable(feat0, L.gx);
+  L.y = walkable(feat1, L.gy);
+  L.N = L.x.size(0);
+  L.C = L.x.size(1);
+  L.H = L.x.size(2);
+  L.W = L.x.size(3);
+  L.P = L.H * L.W;
+  L.NP = L.N * L.P;
+  L.PB = tile_columns(L.C, L.NP);
+  L.tasks = L.NP > 0 ? (L.NP + L.PB - 1) / L.PB : 0;
+  return L;
+}
+
+// Forward of tiles [begin, end) of one layer: the per-pixel distance into dmap (N * P values).
+template <typename scalar_t, typename acc_t>
+void fwd_tiles(const Layer& L, const acc_t* wv, acc_t e, acc_t* dmap, int64_t begin, int64_t end) {
+  const int64_t C = L.C, P = L.P, NP = L.NP, PB = L.PB;
+  const Geo gx = L.gx, gy = L.gy;
+  const scalar_t* xp = L.x.data_ptr<scalar_t>();
+  const scalar_t* yp = L.y.data_ptr<scalar_t>();
+  // Both inputs channels_last (channel stride 1, pixels apart): the per-pixel direct path.
+  const bool cl_direct = C > 1 && gx.sc == 1 && gy.sc == 1 && gx.sp != 1 && gy.sp != 1;
+  if (cl_direct) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+      for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+        for (int64_t j = 0; j < len; ++j) {
+          const scalar_t* px = xp + n * gx.sn + (p + j) * gx.sp;
+          const scalar_t* py = yp + n * gy.sn + (p + j) * gy.sp;
+          acc_t sxx, syy;
+          cl_sum_squares(px, py, C, sxx, syy);
+          const acc_t ia = acc_t(1) / (std::sqrt(sxx) + e), ib = acc_t(1) / (std::sqrt(syy) + e);
+          dmap[q0 + col + j] = cl_weighted_sq_diff(px, py, wv, C, ia, ib);
+        }
+      });
+    }
+    return;
+  }
+  std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+    bool sx_done = true, sy_done = true;
+    for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+      sx_done &= load_run_sq(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col, sx.data(), tmp.data());
+      sy_done &= load_run_sq(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col, sy.data(), tmp.data());
+    });
+    if (!sx_done) sum_squares(bx.data(), C, pb, sx.data(), tmp.data());
+    if (!sy_done) sum_squares(by.data(), C, pb, sy.data(), tmp.data());
+    for (int64_t p = 0; p < pb; ++p) {
+      sx[p] = acc_t(1) / (std::sqrt(sx[p]) + e);  // now 1/a
+      sy[p] = acc_t(1) / (std::sqrt(sy[p]) + e);  // now 1/b
+    }
+    weighted_sq_diff(bx.data(), by.data(), wv, sx.data(), sy.data(), C, pb, dmap + q0, tmp.data());
+  }
+}
+
+// Spatial mean per image of one layer's map, summed in fixed order in fp64.
+template <typename acc_t>
+void layer_means(const Layer& L, const acc_t* dmap, acc_t* out) {
+  for (int64_t n = 0; n < L.N; ++n)
+    out[n] = static_cast<acc_t>(lane_sum<double>(dmap + n * L.P, L.P) / static_cast<double>(L.P));
+}
+
+// Runs f(layer, begin, end) over the tiles of every layer in one parallel region: the global task
+// range is the concatenation of the layers' tile ranges, each chunk split at layer boundaries.
+// Tiles are independent, so results do not depend on how the range is cut.
+template <typename F>
+void parallel_over_layers(const std::vector<Layer>& layers, int64_t grain, F&& f) {
+  std::vector<int64_t> start(layers.size() + 1, 0);
+  for (size_t l = 0; l < layers.size(); ++l) start[l + 1] = start[l] + layers[l].tasks;
+  at::parallel_for(0, start.back(), grain, [&](int64_t begin, int64_t end) {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const int64_t lo = std::max(begin, start[l]), hi = std::min(end, start[l + 1]);
+      if (lo < hi) f(l, lo - start[l], hi - start[l]);
+    }
+  });
+}
+
+int64_t fwd_grain(const Layer& L) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(L.C * L.PB, 1)); }
+int64_t bwd_grain(const Layer& L) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(L.C * L.PB, 1)); }
+
+at::ScalarType acc_scalar_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 at::Tensor distance_fwd_cpu(const at::Tensor& feat0, const at::Tensor& feat1,
                             const c10::optional<at::Tensor>& weight, bool spatial, double eps) {
   check_inputs(feat0, feat1, weight);
-  Geo gx, gy;
-  const at::Tensor x = walkable(feat0, gx);
-  const at::Tensor y = walkable(feat1, gy);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = spatial ? at::empty({N, 1, H, W}, x.options().dtype(acc_dtype))
-                           : at::empty({N}, x.options().dtype(acc_dtype));
-  if (N == 0) return out;
-  if (P == 0) return spatial ? out : out.fill_(NAN);
-  const int64_t NP = N * P;
-  const int64_t PB = tile_columns(C, NP);
-  const int64_t tasks = (NP + PB - 1) / PB;
+  const Layer L = make_layer(feat0, feat1);
+  const auto opts = L.x.options().dtype(acc_scalar_type(L.x));
+  at::Tensor out = spatial ? at::empty({L.N, 1, L.H, L.W}, opts) : at::empty({L.N}, opts);
+  if (L.N == 0) return out;
+  if (L.P == 0) return spatial ? out : out.fill_(NAN);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lpips_distance_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(), "lpips_distance_fwd_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    const std::vector<acc_t> wv = weight_vector<acc_t>(weight, C);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const std::vector<acc_t> wv = weight_vector<acc_t>(weight, L.C);
     // The per-pixel map: the output itself when spatial, else a scratch (N*P, 1/C of a feature).
-    std::vector<acc_t> scratch(spatial ? 0 : NP);
+    std::vector<acc_t> scratch(spatial ? 0 : L.NP);
     acc_t* dmap = spatial ? out.data_ptr<acc_t>() : scratch.data();
     const acc_t e = static_cast<acc_t>(eps);
-    // Both inputs channels_last (channel stride 1, pixels apart): the per-pixel direct path.
-    const bool cl_direct = C > 1 && gx.sc == 1 && gy.sc == 1 && gx.sp != 1 && gy.sp != 1;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C * PB, 1));
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      if (cl_direct) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
-          for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
-            for (int64_t j = 0; j < len; ++j) {
-              const scalar_t* px = xp + n * gx.sn + (p + j) * gx.sp;
-              const scalar_t* py = yp + n * gy.sn + (p + j) * gy.sp;
-              acc_t sxx, syy;
-              cl_sum_squares(px, py, C, sxx, syy);
-              const acc_t ia = acc_t(1) / (std::sqrt(sxx) + e), ib = acc_t(1) / (std::sqrt(syy) + e);
-              dmap[q0 + col + j] = cl_weighted_sq_diff(px, py, wv.data(), C, ia, ib);
-            }
-          });
-        }
-        return;
-      }
-      std::vector<acc_t> bx(C * PB), by(C * PB), sx(PB), sy(PB), tmp(PB);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
-        bool sx_done = true, sy_done = true;
-        for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
-          sx_done &= load_run_sq(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col, sx.data(), tmp.data());
-          sy_done &= load_run_sq(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col, sy.data(), tmp.data());
-        });
-        if (!sx_done) sum_squares(bx.data(), C, pb, sx.data(), tmp.data());
-        if (!sy_done) sum_squares(by.data(), C, pb, sy.data(), tmp.data());
-        for (int64_t p = 0; p < pb; ++p) {
-          sx[p] = acc_t(1) / (std::sqrt(sx[p]) + e);  // now 1/a
-          sy[p] = acc_t(1) / (std::sqrt(sy[p]) + e);  // now 1/b
-        }
-        weighted_sq_diff(bx.data(), by.data(), wv.data(), sx.data(), sy.data(), C, pb, dmap + q0, tmp.data());
-      }
+    at::parallel_for(0, L.tasks, fwd_grain(L), [&](int64_t begin, int64_t end) {
+      fwd_tiles<scalar_t, acc_t>(L, wv.data(), e, dmap, begin, end);
     });
-    if (!spatial) {
-      acc_t* op = out.data_ptr<acc_t>();
-      for (int64_t n = 0; n < N; ++n)
-        op[n] = static_cast<acc_t>(lane_sum<double>(dmap + n * P, P) / static_cast<double>(P));
-    }
+    if (!spatial) layer_means(L, dmap, out.data_ptr<acc_t>());
   });
   return out;
+}
+
+// The backward's per-layer inputs and outputs besides the features.
+struct LayerGrads {
+  const void* grad;     // acc_t incoming gradient, walked with g_sn / g_sp (or a scalar per image)
+  int64_t g_sn, g_sp;
+  bool per_pixel;       // grad per pixel (spatial) or per image (spatial mean)
+  at::Tensor dx, dy;    // (empty when not needed)
+  Geo gdx, gdy;
+  void* dw_part;        // acc_t [tasks][C] weight-gradient partials (nullptr when not needed)
+};
+
+template <typename scalar_t, typename acc_t>
+void bwd_tiles(const Layer& L, const LayerGrads& G, const acc_t* wv, acc_t e, bool need_x, bool need_y,
+               int64_t begin, int64_t end) {
+  const int64_t C = L.C, P = L.P, NP = L.NP, PB = L.PB;
+  const Geo gx = L.gx, gy = L.gy, gdx = G.gdx, gdy = G.gdy;
+  const scalar_t* xp = L.x.data_ptr<scalar_t>();
+  const scalar_t* yp = L.y.data_ptr<scalar_t>();
+  scalar_t* dxp = need_x ? G.dx.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dyp = need_y ? G.dy.data_ptr<scalar_t>() : nullptr;
+  const acc_t* gp = static_cast<const acc_t*>(G.grad);
+  acc_t* dw_part = static_cast<acc_t*>(G.dw_part);
+  const acc_t inv_p = static_cast<acc_t>(1.0 / static_cast<double>(P));
+  std::vector<acc_t> bx(C * PB), by(C * PB), nx(PB), ny(PB), ia(PB), ib(PB), tmp(PB), g(PB), dotx(PB), doty(PB);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
+    bool nx_done = true, ny_done = true;
+    for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+      nx_done &= load_run_sq(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col, nx.data(), tmp.data());
+      ny_done &= load_run_sq(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col, ny.data(), tmp.data());
+      for (int64_t j = 0; j < len; ++j)
+        g[col + j] = G.per_pixel ? gp[n * G.g_sn + (p + j) * G.g_sp] : gp[n * G.g_sn] * inv_p;
+    });
+    if (!nx_done) sum_squares(bx.data(), C, pb, nx.data(), tmp.data());
+    if (!ny_done) sum_squares(by.data(), C, pb, ny.data(), tmp.data());
+    for (int64_t p = 0; p < pb; ++p) {
+      nx[p] = std::sqrt(nx[p]);
+      ny[p] = std::sqrt(ny[p]);
+      ia[p] = acc_t(1) / (nx[p] + e);
+      ib[p] = acc_t(1) / (ny[p] + e);
+      dotx[p] = 0;
+      doty[p] = 0;
+    }
+    // Pass over the tile: sum_c r_c x_c, sum_c r_c y_c, and the weight-gradient partials.
+    for (int64_t c = 0; c < C; ++c) {
+      bwd_row_dots(bx.data() + c * pb, by.data() + c * pb, acc_t(2) * wv[c], ia.data(), ib.data(), g.data(), pb,
+                   dotx.data(), doty.data(), tmp.data());
+      if (dw_part) dw_part[t * C + c] = lane_sum<acc_t>(tmp.data(), pb);
+    }
+    if (!(need_x || need_y)) continue;
+    // Per-pixel coefficients; pixels with a zero feature vector get a zero gradient.
+    for (int64_t p = 0; p < pb; ++p) {
+      const bool ax = nx[p] > 0, ay = ny[p] > 0;
+      dotx[p] = ax ? dotx[p] * ia[p] * ia[p] / nx[p] : acc_t(0);
+      doty[p] = ay ? doty[p] * ib[p] * ib[p] / ny[p] : acc_t(0);
+      nx[p] = ax ? g[p] : acc_t(0);  // now g masked by |x| > 0
+      ny[p] = ay ? g[p] : acc_t(0);  // now g masked by |y| > 0
+    }
+    // Overwrite the buffers in place with dx and dy, then store them.
+    for (int64_t c = 0; c < C; ++c)
+      bwd_row_grads(bx.data() + c * pb, by.data() + c * pb, acc_t(2) * wv[c], ia.data(), ib.data(), nx.data(),
+                    ny.data(), dotx.data(), doty.data(), pb);
+    for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
+      if (need_x) store_run(dxp + n * gdx.sn + p * gdx.sp, gdx, C, len, bx.data(), pb, col);
+      if (need_y) store_run(dyp + n * gdy.sn + p * gdy.sp, gdy, C, len, by.data(), pb, col);
+    });
+  }
+}
+
+// Fixed-order sum of the weight-gradient partials of one layer into dw (weight's dtype).
+template <typename acc_t>
+void reduce_dw(const Layer& L, const acc_t* dw_part, at::Tensor& dw) {
+  std::vector<double> acc(L.C, 0.0);
+  for (int64_t t = 0; t < L.tasks; ++t)
+    for (int64_t c = 0; c < L.C; ++c) acc[c] += static_cast<double>(dw_part[t * L.C + c]);
+  at::Tensor dw_acc = at::empty({L.C}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(acc.begin(), acc.end(), dw_acc.data_ptr<double>());
+  dw.copy_(dw_acc);
+}
+
+at::Tensor empty_grad_like(const at::Tensor& t, bool needed) {
+  return needed ? at::empty(t.sizes(), t.options().memory_format(grad_format(t))) : at::empty({0}, t.options());
+}
+
+Geo grad_geo(const at::Tensor& d, bool needed) {
+  return needed ? Geo{d.stride(0), d.stride(1), pixel_stride(d)} : Geo{0, 0, 0};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
@@ -396,127 +531,200 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_bwd_cpu(
     bool need_w) {
   check_inputs(feat0, feat1, weight);
   need_w = need_w && weight.has_value();
-  Geo gx, gy;
-  const at::Tensor x = walkable(feat0, gx);
-  const at::Tensor y = walkable(feat1, gy);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Layer L = make_layer(feat0, feat1);
+  const int64_t N = L.N, C = L.C, H = L.H, W = L.W, P = L.P;
   TORCH_CHECK(spatial ? (grad_in.dim() == 4 && grad_in.size(0) == N && grad_in.size(1) == 1 &&
                          grad_in.size(2) == H && grad_in.size(3) == W)
                       : (grad_in.dim() == 1 && grad_in.size(0) == N),
               "lpips_fast: grad has shape ", grad_in.sizes(), ", which does not match the output");
   // The incoming gradient in the accumulation dtype, walked as (N, P).
-  at::Tensor grad = grad_in.to(acc_dtype);
-  int64_t g_sn = 0, g_sp = 0;
+  at::Tensor grad = grad_in.to(acc_scalar_type(L.x));
+  LayerGrads G;
+  G.per_pixel = spatial;
+  G.g_sp = 0;
   if (spatial) {
     Geo gg;
     grad = walkable(grad, gg);
-    g_sn = N > 1 ? gg.sn : 0;
-    g_sp = gg.sp;
+    G.g_sn = N > 1 ? gg.sn : 0;
+    G.g_sp = gg.sp;
   } else {
-    g_sn = grad.stride(0);
+    G.g_sn = grad.stride(0);
   }
-  at::Tensor dx = need_x ? at::empty(feat0.sizes(), feat0.options().memory_format(grad_format(feat0)))
-                         : at::empty({0}, feat0.options());
-  at::Tensor dy = need_y ? at::empty(feat1.sizes(), feat1.options().memory_format(grad_format(feat1)))
-                         : at::empty({0}, feat1.options());
+  G.dx = empty_grad_like(feat0, need_x);
+  G.dy = empty_grad_like(feat1, need_y);
   at::Tensor dw = need_w ? at::empty({C}, weight->options()) : at::empty({0}, feat0.options());
   if (N * P == 0 || !(need_x || need_y || need_w)) {
-    if (need_x) dx.zero_();
-    if (need_y) dy.zero_();
+    if (need_x) G.dx.zero_();
+    if (need_y) G.dy.zero_();
     if (need_w) dw.zero_();
-    return {dx, dy, dw};
+    return {G.dx, G.dy, dw};
   }
-  Geo gdx{0, 0, 0}, gdy{0, 0, 0};
-  if (need_x) gdx = Geo{dx.stride(0), dx.stride(1), pixel_stride(dx)};
-  if (need_y) gdy = Geo{dy.stride(0), dy.stride(1), pixel_stride(dy)};
-  const int64_t NP = N * P;
-  const int64_t PB = tile_columns(C, NP);
-  const int64_t tasks = (NP + PB - 1) / PB;
+  G.gdx = grad_geo(G.dx, need_x);
+  G.gdy = grad_geo(G.dy, need_y);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lpips_distance_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.x.scalar_type(), "lpips_distance_bwd_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const std::vector<acc_t> wv = weight_vector<acc_t>(weight, C);
-    std::vector<acc_t> dw_part(need_w ? tasks * C : 0);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* dxp = need_x ? dx.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dyp = need_y ? dy.data_ptr<scalar_t>() : nullptr;
-    const acc_t* gp = grad.data_ptr<acc_t>();
+    std::vector<acc_t> dw_part(need_w ? L.tasks * C : 0);
+    G.grad = grad.data_ptr<acc_t>();
+    G.dw_part = need_w ? dw_part.data() : nullptr;
     const acc_t e = static_cast<acc_t>(eps);
-    const acc_t inv_p = static_cast<acc_t>(1.0 / static_cast<double>(P));
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * PB, 1));
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> bx(C * PB), by(C * PB), nx(PB), ny(PB), ia(PB), ib(PB), tmp(PB), g(PB),
-          dotx(PB), doty(PB);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t q0 = t * PB, pb = std::min(PB, NP - q0);
-        bool nx_done = true, ny_done = true;
-        for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
-          nx_done &= load_run_sq(xp + n * gx.sn + p * gx.sp, gx, C, len, bx.data(), pb, col, nx.data(), tmp.data());
-          ny_done &= load_run_sq(yp + n * gy.sn + p * gy.sp, gy, C, len, by.data(), pb, col, ny.data(), tmp.data());
-          for (int64_t j = 0; j < len; ++j)
-            g[col + j] = spatial ? gp[n * g_sn + (p + j) * g_sp] : gp[n * g_sn] * inv_p;
-        });
-        if (!nx_done) sum_squares(bx.data(), C, pb, nx.data(), tmp.data());
-        if (!ny_done) sum_squares(by.data(), C, pb, ny.data(), tmp.data());
-        for (int64_t p = 0; p < pb; ++p) {
-          nx[p] = std::sqrt(nx[p]);
-          ny[p] = std::sqrt(ny[p]);
-          ia[p] = acc_t(1) / (nx[p] + e);
-          ib[p] = acc_t(1) / (ny[p] + e);
-          dotx[p] = 0;
-          doty[p] = 0;
-        }
-        // Pass over the tile: sum_c r_c x_c, sum_c r_c y_c, and the weight-gradient partials.
-        for (int64_t c = 0; c < C; ++c) {
-          bwd_row_dots(bx.data() + c * pb, by.data() + c * pb, acc_t(2) * wv[c], ia.data(), ib.data(), g.data(), pb,
-                       dotx.data(), doty.data(), tmp.data());
-          if (need_w) dw_part[t * C + c] = lane_sum<acc_t>(tmp.data(), pb);
-        }
-        if (!(need_x || need_y)) continue;
-        // Per-pixel coefficients; pixels with a zero feature vector get a zero gradient.
-        for (int64_t p = 0; p < pb; ++p) {
-          const bool ax = nx[p] > 0, ay = ny[p] > 0;
-          dotx[p] = ax ? dotx[p] * ia[p] * ia[p] / nx[p] : acc_t(0);
-          doty[p] = ay ? doty[p] * ib[p] * ib[p] / ny[p] : acc_t(0);
-          nx[p] = ax ? g[p] : acc_t(0);  // now g masked by |x| > 0
-          ny[p] = ay ? g[p] : acc_t(0);  // now g masked by |y| > 0
-        }
-        // Overwrite the buffers in place with dx and dy, then store them.
-        for (int64_t c = 0; c < C; ++c)
-          bwd_row_grads(bx.data() + c * pb, by.data() + c * pb, acc_t(2) * wv[c], ia.data(), ib.data(), nx.data(),
-                        ny.data(), dotx.data(), doty.data(), pb);
-        for_each_run(q0, pb, P, [&](int64_t n, int64_t p, int64_t col, int64_t len) {
-          if (need_x) store_run(dxp + n * gdx.sn + p * gdx.sp, gdx, C, len, bx.data(), pb, col);
-          if (need_y) store_run(dyp + n * gdy.sn + p * gdy.sp, gdy, C, len, by.data(), pb, col);
-        });
-      }
+    at::parallel_for(0, L.tasks, bwd_grain(L), [&](int64_t begin, int64_t end) {
+      bwd_tiles<scalar_t, acc_t>(L, G, wv.data(), e, need_x, need_y, begin, end);
     });
-    if (need_w) {
-      std::vector<double> acc(C, 0.0);
-      for (int64_t t = 0; t < tasks; ++t)
-        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(dw_part[t * C + c]);
-      at::Tensor dw_acc = at::empty({C}, at::TensorOptions().dtype(at::kDouble));
-      std::copy(acc.begin(), acc.end(), dw_acc.data_ptr<double>());
-      dw.copy_(dw_acc);
+    if (need_w) reduce_dw(L, dw_part.data(), dw);
+  });
+  return {G.dx, G.dy, dw};
+}
+
+// ---------------------------------------------------------------------------- grouped (all layers)
+// The same per-layer tiles as above, all layers in one parallel region, so each layer's numbers
+// are bitwise those of the per-layer op. Non-spatial: the (N,) sum over layers of the per-layer
+// means, added in layer order in the accumulation dtype (as the module adds per-layer results).
+// Spatial: every layer's (N, 1, H_l, W_l) map, concatenated flat in layer order.
+
+std::vector<Layer> make_layers(const at::TensorList& feats0, const at::TensorList& feats1, const at::TensorList& weights) {
+  TORCH_CHECK(feats0.size() == feats1.size() && !feats0.empty(), "lpips_fast: feats0 and feats1 must be non-empty lists of equal length");
+  TORCH_CHECK(weights.empty() || weights.size() == feats0.size(), "lpips_fast: weights must be empty or one per layer");
+  std::vector<Layer> layers;
+  for (size_t l = 0; l < feats0.size(); ++l) {
+    check_inputs(feats0[l], feats1[l], weights.empty() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(weights[l]));
+    TORCH_CHECK(feats0[l].scalar_type() == feats0[0].scalar_type(), "lpips_fast: all layers must share a dtype");
+    TORCH_CHECK(feats0[l].size(0) == feats0[0].size(0), "lpips_fast: all layers must share the batch size");
+    layers.push_back(make_layer(feats0[l], feats1[l]));
+  }
+  return layers;
+}
+
+c10::optional<at::Tensor> layer_weight(const at::TensorList& weights, size_t l) {
+  return weights.empty() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(weights[l]);
+}
+
+at::Tensor distances_fwd_cpu(at::TensorList feats0, at::TensorList feats1, at::TensorList weights, bool spatial,
+                             double eps) {
+  const std::vector<Layer> layers = make_layers(feats0, feats1, weights);
+  const at::Tensor& x0 = layers[0].x;
+  const int64_t N = layers[0].N;
+  int64_t total_np = 0;
+  bool empty_map = false;
+  for (const Layer& L : layers) {
+    total_np += L.NP;
+    empty_map |= L.P == 0;
+  }
+  const auto opts = x0.options().dtype(acc_scalar_type(x0));
+  at::Tensor out = spatial ? at::empty({total_np}, opts) : at::empty({N}, opts);
+  if (N == 0) return out;
+  if (empty_map && !spatial) return out.fill_(NAN);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "lpips_distances_fwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    std::vector<std::vector<acc_t>> wv;
+    std::vector<int64_t> offset(layers.size() + 1, 0);
+    int64_t grain = INT64_MAX;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      wv.push_back(weight_vector<acc_t>(layer_weight(weights, l), layers[l].C));
+      offset[l + 1] = offset[l] + layers[l].NP;
+      grain = std::min(grain, fwd_grain(layers[l]));
+    }
+    std::vector<acc_t> scratch(spatial ? 0 : total_np);
+    acc_t* dmap = spatial ? out.data_ptr<acc_t>() : scratch.data();
+    const acc_t e = static_cast<acc_t>(eps);
+    parallel_over_layers(layers, grain, [&](size_t l, int64_t begin, int64_t end) {
+      fwd_tiles<scalar_t, acc_t>(layers[l], wv[l].data(), e, dmap + offset[l], begin, end);
+    });
+    if (!spatial) {
+      acc_t* total = out.data_ptr<acc_t>();
+      std::vector<acc_t> mean(N);
+      for (size_t l = 0; l < layers.size(); ++l) {
+        layer_means(layers[l], dmap + offset[l], mean.data());
+        for (int64_t n = 0; n < N; ++n) total[n] = l == 0 ? mean[n] : total[n] + mean[n];
+      }
     }
   });
-  return {dx, dy, dw};
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> distances_bwd_cpu(
+    const at::Tensor& grad_in, at::TensorList feats0, at::TensorList feats1, at::TensorList weights, bool spatial,
+    double eps, bool need_x, bool need_y, bool need_w) {
+  const std::vector<Layer> layers = make_layers(feats0, feats1, weights);
+  need_w = need_w && !weights.empty();
+  const at::Tensor& x0 = layers[0].x;
+  const int64_t N = layers[0].N;
+  int64_t total_np = 0;
+  for (const Layer& L : layers) total_np += L.NP;
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == (spatial ? total_np : N), "lpips_fast: grad has shape ",
+              grad_in.sizes(), ", which does not match the output");
+  const at::Tensor grad = grad_in.to(acc_scalar_type(x0)).contiguous();
+  std::vector<at::Tensor> dxs, dys, dws;
+  std::vector<LayerGrads> grads(layers.size());
+  bool any_work = false;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer& L = layers[l];
+    LayerGrads& G = grads[l];
+    G.dx = empty_grad_like(feats0[l], need_x);
+    G.dy = empty_grad_like(feats1[l], need_y);
+    G.gdx = grad_geo(G.dx, need_x);
+    G.gdy = grad_geo(G.dy, need_y);
+    G.per_pixel = spatial;
+    G.g_sn = spatial ? L.P : 1;
+    G.g_sp = spatial ? 1 : 0;
+    G.dw_part = nullptr;
+    dxs.push_back(G.dx);
+    dys.push_back(G.dy);
+    dws.push_back(need_w ? at::empty({L.C}, weights[l].options()) : at::empty({0}, feats0[l].options()));
+    if (L.NP == 0) {
+      if (need_x) G.dx.zero_();
+      if (need_y) G.dy.zero_();
+      if (need_w) dws[l].zero_();
+    } else {
+      any_work = true;
+    }
+  }
+  if (!any_work || !(need_x || need_y || need_w)) {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      if (need_x) dxs[l].zero_();
+      if (need_y) dys[l].zero_();
+      if (need_w) dws[l].zero_();
+    }
+    return {dxs, dys, dws};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "lpips_distances_bwd_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    std::vector<std::vector<acc_t>> wv, dw_part;
+    const acc_t* gp = grad.data_ptr<acc_t>();
+    int64_t offset = 0, grain = INT64_MAX;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& L = layers[l];
+      wv.push_back(weight_vector<acc_t>(layer_weight(weights, l), L.C));
+      dw_part.emplace_back(need_w ? L.tasks * L.C : 0);
+      grads[l].grad = spatial ? gp + offset : gp;
+      grads[l].dw_part = need_w ? dw_part[l].data() : nullptr;
+      offset += L.NP;
+      if (L.tasks > 0) grain = std::min(grain, bwd_grain(L));
+    }
+    const acc_t e = static_cast<acc_t>(eps);
+    parallel_over_layers(layers, grain, [&](size_t l, int64_t begin, int64_t end) {
+      bwd_tiles<scalar_t, acc_t>(layers[l], grads[l], wv[l].data(), e, need_x, need_y, begin, end);
+    });
+    if (need_w)
+      for (size_t l = 0; l < layers.size(); ++l)
+        if (layers[l].NP > 0) reduce_dw(layers[l], dw_part[l].data(), dws[l]);
+  });
+  return {dxs, dys, dws};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lpips_fast, m) {
-  m.def("_distance_fwd_cpu(Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, float eps) -> Tensor");
-  m.def(
-      "_distance_bwd_cpu(Tensor grad, Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, "
-      "float eps, bool need_feat0, bool need_feat1, bool need_weight) -> (Tensor, Tensor, Tensor)");
-}
-
+// The schemas are defined once, in Python (lpips_fast/ops/_schemas.py), so that the ops exist (and
+// TorchScript traces that call them load) before this library is built; this file only implements
+// them for the CPU.
 TORCH_LIBRARY_IMPL(lpips_fast, CPU, m) {
   m.impl("_distance_fwd_cpu", &distance_fwd_cpu);
   m.impl("_distance_bwd_cpu", &distance_bwd_cpu);
+  m.impl("_distances_fwd_cpu", &distances_fwd_cpu);
+  m.impl("_distances_bwd_cpu", &distances_bwd_cpu);
 }
 
 }  // namespace lpips_fast

@@ -1,91 +1,53 @@
-"""The fused LPIPS distance step: one custom op call per trunk layer.
+"""The fused LPIPS distance step: ``lpips_distance`` (one layer) and ``lpips_distances`` (all layers).
 
 Per pixel, with x and y the C-vectors of the two feature maps and a = |x| + eps, b = |y| + eps
 (eps outside the sqrt, as in the reference):  d = sum_c w_c (x_c / a - y_c / b)^2, then the
 spatial mean per image or the (N,1,H,W) map. Both C-vectors are read from memory once, every sum
 accumulates in fp32 (fp64 for fp64 features), and all cross-tile sums run in a fixed order.
+``lpips_distances`` does every layer of a trunk in one op call (one parallel region on the CPU,
+one Triton launch plus one reduction on CUDA) and returns the sum over layers (or the per-layer
+maps); each layer's value is the per-layer op's (bitwise on the CPU).
 
 Backends (``backend=``):
-- ``None``: the C++ kernel on the CPU, Triton on CUDA, the eager composite elsewhere.
-- ``"cpp"``: ``torch.ops.lpips_fast.distance_cpu``, a ``torch.library.custom_op`` whose CPU kernel
-  calls the C++ kernels in csrc/lpips_distance.cpp (built just in time on first use and cached;
-  see ``_cpu.py``). If they cannot be built the op computes with the eager composite and says so
-  once.
-- ``"triton"``: ``torch.ops.lpips_fast.distance_triton``, a ``torch.library.triton_op`` over the
-  kernels in ``_triton.py`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+- ``None``: the C++ kernels on the CPU, Triton on CUDA, the eager composite elsewhere.
+- ``"cpp"``: ``lpips_fast::distance_cpu`` / ``distances_cpu`` (``_cpu.py``): opaque custom ops
+  over the C++ kernels in csrc/lpips_distance.cpp, built just in time on first use and cached; if
+  they cannot be built the ops compute with the eager composite and say so once.
+- ``"triton"``: ``lpips_fast::distance_triton`` / ``distances_triton`` (``_triton.py``,
+  ``_triton_grouped.py``): ``torch.library.triton_op``s, so that torch.compile traces into the
+  kernels and CUDA graphs capture them (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 - ``"torch"``: the eager composite (``_eager.py``), differentiable by plain autograd.
 
-Layout decision: DESIGN.md's layout (a), one op per device chosen here by device. The issue
-asks for the CUDA op to be a ``triton_op`` so that torch.compile traces into the Triton kernels
-(Inductor can schedule and fuse them, and CUDA graphs capture them). Layout (b) would make the
-CUDA path opaque to Inductor; and registering a CPU kernel on the triton_op itself breaks
-torch.compile on the CPU (Inductor traces into the Triton kernel). So the CPU op is a separate,
-opaque custom op. Its CPU kernel is a small Python trampoline into the C++ op rather than the C++
-op itself so that (1) the op exists, with its fake kernel and autograd, before anything is
-built, so that the first call may already be inside torch.compile, and (2) the no-compiler
-fallback lives inside the op (compiled graphs keep working).
+The CPU and CUDA ops are separate ops chosen here by device: a CPU kernel registered on a
+``triton_op`` makes Inductor trace into the Triton kernel on the CPU, which fails.
 
-Gradients: both ops have fused backward kernels for feat0, feat1 and weight, computing only
-those that autograd needs (weight gradient = sum over pixels of g (xhat - yhat)^2, needed to
-train the lin layers). Where a feature column is all zero (|x| = 0, e.g. a dead ReLU pixel), the
-gradient with respect to that column is defined as 0; the reference gives NaN there.
+Gradients: fused backward kernels for the features and the weights, computing only those that
+autograd needs (weight gradient = sum over pixels of g (xhat - yhat)^2, for training the lin
+layers). Where a feature column is all zero (|x| = 0, e.g. a dead ReLU pixel) the gradient with
+respect to it is 0; the reference gives NaN there. Second-order gradients (``create_graph=True``)
+go through the eager composite (``_autograd.py``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import _cpu, _eager
-from ._autograd import grads_empty, make_backward, out_empty, setup_context
 from ._cpu import build_cpu_extension
 from ._eager import unit_normalize
 from .reference import lpips_distance_reference
 
-__all__ = ["lpips_distance", "lpips_distance_reference", "build_cpu_extension", "unit_normalize"]
+__all__ = [
+    "lpips_distance",
+    "lpips_distances",
+    "lpips_distance_reference",
+    "build_cpu_extension",
+    "unit_normalize",
+]
 
 _BACKENDS = ("torch", "triton", "cpp")
-_FWD_SCHEMA = "(Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, float eps) -> Tensor"
-_BWD_SCHEMA = (
-    "(Tensor grad, Tensor feat0, Tensor feat1, Tensor? weight, bool spatial, float eps, "
-    "bool need_feat0, bool need_feat1, bool need_weight) -> (Tensor, Tensor, Tensor)"
-)
-
-
-# ----------------------------------------------------------------------------- CPU op (C++)
-@torch.library.custom_op("lpips_fast::distance_cpu", mutates_args=(), device_types="cpu", schema=_FWD_SCHEMA)
-def _distance_cpu(feat0, feat1, weight, spatial, eps):
-    if _cpu.available():
-        return torch.ops.lpips_fast._distance_fwd_cpu(feat0, feat1, weight, spatial, eps)
-    with torch.no_grad():
-        return _eager.distance_torch(feat0, feat1, weight, spatial, eps).contiguous()
-
-
-@_distance_cpu.register_fake
-def _(feat0, feat1, weight, spatial, eps):
-    return out_empty(feat0, spatial)
-
-
-@torch.library.custom_op(
-    "lpips_fast::distance_cpu_backward", mutates_args=(), device_types="cpu", schema=_BWD_SCHEMA
-)
-def _distance_cpu_backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
-    if _cpu.available():
-        return torch.ops.lpips_fast._distance_bwd_cpu(
-            grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight
-        )
-    return _eager.distance_torch_backward(
-        grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight
-    )
-
-
-@_distance_cpu_backward.register_fake
-def _(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
-    return grads_empty(feat0, feat1, weight, need_feat0, need_feat1, need_weight)
-
-
-_distance_cpu.register_autograd(make_backward(_distance_cpu_backward), setup_context=setup_context)
 
 
 # ----------------------------------------------------------------------------- CUDA op (Triton)
@@ -107,6 +69,20 @@ def _triton_ops():
             ) from exc
         _triton_mod = mod
     return _triton_mod
+
+
+_triton_grouped_mod = None
+
+
+def _triton_grouped_ops():
+    """The grouped Triton op module, imported on first use (after the per-layer one)."""
+    global _triton_grouped_mod
+    if _triton_grouped_mod is None:
+        _triton_ops()
+        from . import _triton_grouped as mod
+
+        _triton_grouped_mod = mod
+    return _triton_grouped_mod
 
 
 _cuda_default: Optional[str] = None
@@ -183,8 +159,36 @@ def _validate(feat0, feat1, weight, spatial, eps, backend) -> None:
         raise ValueError(f"lpips_distance: backend 'cpp' needs CPU tensors, got device {feat0.device}")
 
 
-def _requires_grad(feat0: torch.Tensor, feat1: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
-    return feat0.requires_grad or feat1.requires_grad or (weight is not None and weight.requires_grad)
+def _requires_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    if backend is not None:
+        return backend
+    if device.type == "cpu":
+        return "cpp"
+    return _default_cuda_backend() if device.type == "cuda" else "torch"
+
+
+def _cpp_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
+    """Inference straight into the C++ kernel, skipping the custom op's Python layers (~15 us a
+    call): not when autograd, torch.compile or a TorchScript trace needs to see the op."""
+    return (
+        not (torch.is_grad_enabled() and _requires_grad(*tensors))
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _cpu.available()
+    )
+
+
+def _broadcast_batch(feat0: torch.Tensor, feat1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand a batch of 1 against N as a stride-0 view (autograd's expand backward sums it)."""
+    n0, n1 = feat0.shape[0], feat1.shape[0]
+    if n0 == n1:
+        return feat0, feat1
+    n = max(n0, n1)
+    return feat0.expand(n, -1, -1, -1), feat1.expand(n, -1, -1, -1)
 
 
 def lpips_distance(
@@ -211,30 +215,93 @@ def lpips_distance(
     Returns:
         fp32 for fp16/bf16/fp32 features (fp32 accumulation throughout), fp64 for fp64.
 
-    Gradients flow to feat0, feat1 and weight (only those required are computed). At a pixel
-    where a feature vector is all zero the gradient with respect to it is 0 (the reference's
-    gradient is NaN there).
+    Gradients flow to feat0, feat1 and weight (only those required are computed), also to second
+    order. At a pixel where a feature vector is all zero the gradient with respect to it is 0
+    (the reference's gradient is NaN there).
     """
     _validate(feat0, feat1, weight, spatial, eps, backend)
-    n0, n1 = feat0.shape[0], feat1.shape[0]
-    if n0 != n1:  # a stride-0 view; autograd's expand backward sums the gradient over the batch
-        n = max(n0, n1)
-        feat0 = feat0.expand(n, -1, -1, -1)
-        feat1 = feat1.expand(n, -1, -1, -1)
+    feat0, feat1 = _broadcast_batch(feat0, feat1)
     eps = float(eps)
-    if backend is None:
-        device_type = feat0.device.type
-        backend = "cpp" if device_type == "cpu" else _default_cuda_backend() if device_type == "cuda" else "torch"
+    backend = _resolve_backend(backend, feat0.device)
     if backend == "cpp":
-        if (
-            not (torch.is_grad_enabled() and _requires_grad(feat0, feat1, weight))
-            and not torch.compiler.is_compiling()
-            and _cpu.available()
-        ):
-            # Inference fast path: straight to the C++ kernel, skipping the Python layers of the
-            # custom op (~15 us a call, a third of a small layer). Same kernel, same numbers.
+        if _cpp_fast_path(feat0, feat1, weight):
             return torch.ops.lpips_fast._distance_fwd_cpu(feat0, feat1, weight, spatial, eps)
         return torch.ops.lpips_fast.distance_cpu(feat0, feat1, weight, spatial, eps)
     if backend == "triton":
         return _triton_ops().distance_triton(feat0, feat1, weight, spatial, eps)
     return _eager.distance_torch(feat0, feat1, weight, spatial, eps)
+
+
+def _validate_layers(feats0, feats1, weights, spatial, eps, backend) -> list:
+    for name, seq in (("feats0", feats0), ("feats1", feats1)):
+        if not isinstance(seq, (list, tuple)) or len(seq) == 0:
+            raise TypeError(f"lpips_distances: {name} must be a non-empty list of tensors, got {type(seq).__name__}")
+    if len(feats0) != len(feats1):
+        raise ValueError(f"lpips_distances: feats0 and feats1 must have one tensor per layer, got {len(feats0)} and {len(feats1)}")
+    if weights is None:
+        weights = [None] * len(feats0)
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(feats0):
+        raise ValueError(f"lpips_distances: weights must be None or one (C,) tensor (or None) per layer, got {weights!r:.80}")
+    if any(w is None for w in weights) and not all(w is None for w in weights):
+        raise ValueError("lpips_distances: weights must be given for every layer or for none")
+    for k, (f0, f1, w) in enumerate(zip(feats0, feats1, weights)):
+        try:
+            _validate(f0, f1, w, spatial, eps, backend)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"layer {k}: {exc}") from None
+        if f0.dtype != feats0[0].dtype or f0.device != feats0[0].device:
+            raise TypeError(
+                f"lpips_distances: layer {k} has dtype {f0.dtype} on {f0.device}, layer 0 {feats0[0].dtype} "
+                f"on {feats0[0].device}: all layers must share one"
+            )
+        if max(f0.shape[0], f1.shape[0]) != max(feats0[0].shape[0], feats1[0].shape[0]):
+            raise ValueError(f"lpips_distances: layer {k} has another batch size than layer 0")
+    return list(weights)
+
+
+def lpips_distances(
+    feats0: Sequence[torch.Tensor],
+    feats1: Sequence[torch.Tensor],
+    weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    *,
+    spatial: bool = False,
+    eps: float = 1e-10,
+    backend: Optional[str] = None,
+):
+    """LPIPS distances of every layer of a trunk in one op call.
+
+    Args:
+        feats0, feats1: per-layer (N, C_l, H_l, W_l) features (same rules as ``lpips_distance``;
+            one dtype and device for all layers).
+        weights: per-layer (C_l,) channel weights, or None for plain channel sums.
+        spatial: per-layer maps instead of the summed spatial means.
+
+    Returns:
+        ``spatial=False``: the (N,) sum over layers of each layer's spatial mean (the LPIPS value
+        before any upsampling), equal to adding ``lpips_distance`` of each layer in layer order
+        (bitwise on the CPU). ``spatial=True``: a list of per-layer (N, 1, H_l, W_l) maps (views
+        of one buffer).
+    """
+    weights = _validate_layers(feats0, feats1, weights, spatial, eps, backend)
+    pairs = [_broadcast_batch(f0, f1) for f0, f1 in zip(feats0, feats1)]
+    f0s, f1s = [p[0] for p in pairs], [p[1] for p in pairs]
+    ws = [] if weights[0] is None else list(weights)
+    eps = float(eps)
+    backend = _resolve_backend(backend, f0s[0].device)
+    if backend == "cpp":
+        if _cpp_fast_path(*f0s, *f1s, *ws):
+            out = torch.ops.lpips_fast._distances_fwd_cpu(f0s, f1s, ws, spatial, eps)
+        else:
+            out = torch.ops.lpips_fast.distances_cpu(f0s, f1s, ws, spatial, eps)
+    elif backend == "triton":
+        out = _triton_grouped_ops().distances_triton(f0s, f1s, ws, spatial, eps)
+    else:
+        out = _eager.distances_torch(f0s, f1s, ws, spatial, eps)
+    if not spatial:
+        return out
+    maps, off = [], 0
+    for f in f0s:
+        n, _, h, w = f.shape
+        maps.append(out[off : off + n * h * w].view(n, 1, h, w))
+        off += n * h * w
+    return maps

@@ -1,12 +1,20 @@
-"""Just-in-time build and load of the C++ CPU kernels (csrc/lpips_distance.cpp).
+"""The CPU distance ops and the just-in-time build of their C++ kernels (csrc/lpips_distance.cpp).
+
+Ops (schemas in ``_schemas.py``): ``lpips_fast::distance_cpu`` (one layer) and
+``lpips_fast::distances_cpu`` (all layers in one call), each a ``torch.library.custom_op`` with a
+fake kernel, a fused backward op and autograd. Their CPU kernels are small Python trampolines into
+the internal C++ ops (``_distance_fwd_cpu``, ``_distances_fwd_cpu``, ...), so that (1) the ops
+exist, with fake kernels and autograd, before anything is built (the first call may already be
+inside torch.compile, and a TorchScript trace that recorded them loads after ``import
+lpips_fast``), and (2) the no-compiler fallback (the eager composite) lives inside the ops.
 
 Nothing is built at import. The first CPU call (or ``build_cpu_extension()``, which CI calls
 once to warm the cache) compiles the source with ``torch.utils.cpp_extension.load`` into a build
 directory keyed by the torch version, under ``$LPIPS_FAST_HOME/torch_extensions`` or
 ``~/.cache/lpips_fast/torch_extensions``. ``load`` hashes the source and flags, so an edited
 source rebuilds and an unchanged one loads from the cache in well under a second. The library
-registers ``lpips_fast::_distance_fwd_cpu`` / ``_distance_bwd_cpu`` with ``TORCH_LIBRARY``
-(``is_python_module=False``): no pybind11, and only the light ATen / torch/library headers.
+registers CPU kernels for the internal ops with ``TORCH_LIBRARY_IMPL`` (``is_python_module=False``):
+no pybind11, and only the light ATen / torch/library headers.
 
 If the build or load fails (no compiler, no ninja), :func:`available` returns False and warns
 once; callers then use the pure-PyTorch path.
@@ -21,7 +29,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build_cpu_extension", "source_path", "build_directory"]
+from . import _eager, _schemas
+from ._autograd import (
+    grads_empty,
+    grouped_grads_empty,
+    grouped_out_empty,
+    grouped_setup_context,
+    make_backward,
+    make_grouped_backward,
+    out_empty,
+    setup_context,
+)
+
+__all__ = ["available", "build_cpu_extension", "source_path", "build_directory", "distance_cpu", "distances_cpu"]
+
+_schemas.define_cpp_ops()
 
 _NAME = "lpips_fast_cpu"
 _SOURCE = "lpips_distance.cpp"
@@ -61,11 +83,8 @@ def _cflags() -> list[str]:
 
 
 def _kernels_registered() -> bool:
-    try:
-        torch.ops.lpips_fast._distance_fwd_cpu  # noqa: B018 - attribute lookup is the check
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether the C++ library is loaded in this process (its CPU kernels registered)."""
+    return _state["ok"] is True
 
 
 def _import_cpp_extension():
@@ -131,3 +150,72 @@ def available() -> bool:
                     stacklevel=3,
                 )
     return bool(_state["ok"])
+
+
+# ----------------------------------------------------------------------------- the CPU ops
+@torch.library.custom_op("lpips_fast::distance_cpu", mutates_args=(), device_types="cpu", schema=_schemas.FWD)
+def distance_cpu(feat0, feat1, weight, spatial, eps):
+    if available():
+        return torch.ops.lpips_fast._distance_fwd_cpu(feat0, feat1, weight, spatial, eps)
+    with torch.no_grad():
+        return _eager.distance_torch(feat0, feat1, weight, spatial, eps).contiguous()
+
+
+@distance_cpu.register_fake
+def _(feat0, feat1, weight, spatial, eps):
+    return out_empty(feat0, spatial)
+
+
+@torch.library.custom_op(
+    "lpips_fast::distance_cpu_backward", mutates_args=(), device_types="cpu", schema=_schemas.BWD
+)
+def distance_cpu_backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
+    if available():
+        return torch.ops.lpips_fast._distance_bwd_cpu(
+            grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight
+        )
+    return _eager.distance_torch_backward(
+        grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight
+    )
+
+
+@distance_cpu_backward.register_fake
+def _(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
+    return grads_empty(feat0, feat1, weight, need_feat0, need_feat1, need_weight)
+
+
+distance_cpu.register_autograd(make_backward(distance_cpu_backward), setup_context=setup_context)
+
+
+@torch.library.custom_op("lpips_fast::distances_cpu", mutates_args=(), device_types="cpu", schema=_schemas.GROUPED_FWD)
+def distances_cpu(feats0, feats1, weights, spatial, eps):
+    if available():
+        return torch.ops.lpips_fast._distances_fwd_cpu(feats0, feats1, weights, spatial, eps)
+    with torch.no_grad():
+        return _eager.distances_torch(feats0, feats1, weights, spatial, eps).contiguous()
+
+
+@distances_cpu.register_fake
+def _(feats0, feats1, weights, spatial, eps):
+    return grouped_out_empty(feats0, spatial)
+
+
+@torch.library.custom_op(
+    "lpips_fast::distances_cpu_backward", mutates_args=(), device_types="cpu", schema=_schemas.GROUPED_BWD
+)
+def distances_cpu_backward(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_feats1, need_weights):
+    if available():
+        return torch.ops.lpips_fast._distances_bwd_cpu(
+            grad, feats0, feats1, weights, spatial, eps, need_feats0, need_feats1, need_weights
+        )
+    return _eager.distances_torch_backward(
+        grad, feats0, feats1, weights, spatial, eps, need_feats0, need_feats1, need_weights
+    )
+
+
+@distances_cpu_backward.register_fake
+def _(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_feats1, need_weights):
+    return grouped_grads_empty(feats0, feats1, weights, need_feats0, need_feats1, need_weights)
+
+
+distances_cpu.register_autograd(make_grouped_backward(distances_cpu_backward), setup_context=grouped_setup_context)

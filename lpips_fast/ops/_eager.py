@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["distance_torch", "distance_torch_backward", "acc_dtype", "grad_memory_format"]
+__all__ = [
+    "distance_torch",
+    "distance_torch_backward",
+    "distances_torch",
+    "distances_torch_backward",
+    "distance_grads_differentiable",
+    "acc_dtype",
+    "grad_memory_format",
+    "unit_normalize",
+]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,3 +93,89 @@ def distance_torch_backward(
     dx = dx.contiguous(memory_format=grad_memory_format(feat0)) if need_feat0 else feat0.new_empty(0)
     dy = dy.contiguous(memory_format=grad_memory_format(feat1)) if need_feat1 else feat1.new_empty(0)
     return dx, dy, dw
+
+
+# ----------------------------------------------------------------------------- grouped (all layers)
+def distances_torch(
+    feats0: list[torch.Tensor],
+    feats1: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    spatial: bool,
+    eps: float,
+) -> torch.Tensor:
+    """All layers, with the grouped ops' output convention (see ``_schemas``)."""
+    ws = weights if weights else [None] * len(feats0)
+    outs = [distance_torch(f0, f1, w, spatial, eps) for f0, f1, w in zip(feats0, feats1, ws)]
+    if spatial:
+        return torch.cat([o.reshape(-1) for o in outs])
+    total = outs[0]
+    for o in outs[1:]:
+        total = total + o
+    return total
+
+
+def _layer_grads(grad: torch.Tensor, feats0: list[torch.Tensor], spatial: bool) -> list[torch.Tensor]:
+    """The grouped output's gradient cut into each layer's: its map slice, or the same (N,)."""
+    if not spatial:
+        return [grad] * len(feats0)
+    out, off = [], 0
+    for f in feats0:
+        n, _, h, w = f.shape
+        out.append(grad[off : off + n * h * w].view(n, 1, h, w))
+        off += n * h * w
+    return out
+
+
+def distances_torch_backward(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_feats1, need_weights):
+    """The grouped backward, layer by layer with ``distance_torch_backward``: three lists."""
+    ws = weights if weights else [None] * len(feats0)
+    per = [
+        distance_torch_backward(g, f0, f1, w, spatial, eps, need_feats0, need_feats1, need_weights)
+        for g, f0, f1, w in zip(_layer_grads(grad, feats0, spatial), feats0, feats1, ws)
+    ]
+    return [p[0] for p in per], [p[1] for p in per], [p[2] for p in per]
+
+
+def distance_grads_differentiable(
+    grad: torch.Tensor,
+    feats0: list[torch.Tensor],
+    feats1: list[torch.Tensor],
+    weights: list[torch.Tensor] | None,
+    spatial: bool,
+    eps: float,
+    need_feats0: bool,
+    need_feats1: bool,
+    need_weights: bool,
+    grouped: bool = False,
+):
+    """First-order gradients that can be differentiated again (for ``create_graph=True``).
+
+    Autograd through the eager composite, with ``create_graph=True``; three lists (one entry per
+    layer; zeros where a tensor does not require grad, None where a gradient was not asked for).
+    """
+    with torch.enable_grad():
+        if grouped:
+            out = distances_torch(feats0, feats1, weights or [], spatial, eps)
+        else:
+            out = distance_torch(feats0[0], feats1[0], weights[0] if weights else None, spatial, eps)
+    groups = [(feats0, need_feats0), (feats1, need_feats1), (weights or [], need_weights)]
+    # Each distinct tensor once: autograd.grad gives a tensor passed twice its whole gradient
+    # twice, which the caller would then add up.
+    wanted: dict[int, torch.Tensor] = {}
+    for ts, need in groups:
+        for t in ts if need else ():
+            if t.requires_grad:
+                wanted.setdefault(id(t), t)
+    found = torch.autograd.grad(out, list(wanted.values()), grad, create_graph=True, allow_unused=True) if wanted else ()
+    pending = {k: g for k, g in zip(wanted, found)}
+
+    def grads(ts, need):
+        if not need:
+            return [None] * max(1, len(ts))
+        res = []
+        for t in ts:
+            g = pending.pop(id(t), None)
+            res.append(torch.zeros_like(t) if g is None else g)
+        return res
+
+    return tuple(grads(ts, need) for ts, need in groups)
