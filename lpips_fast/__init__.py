@@ -21,6 +21,9 @@ __version__ = "0.1.0"
 # Heavier layers load on first use.
 _LAZY = {
     "Engine": "engine",
+    "Scorer": "scorer",
+    "Overloaded": "scorer",
+    "InvalidInput": "scorer",
     "all_pairs": "pairwise",
     "evaluate_dirs": "evaluate",
     "evaluate_ref": "evaluate",
