@@ -28,6 +28,8 @@ _LAZY = {
     "evaluate_dirs": "evaluate",
     "evaluate_ref": "evaluate",
     "evaluate_pairs": "evaluate",
+    "score_2afc": "training",
+    "score_jnd": "training",
 }
 
 __all__ = [

@@ -1,0 +1,33 @@
+"""Train and evaluate the metric on BAPPS-format 2AFC/JND data.
+
+- ``bapps``: the folder layout, loader and decoding (``open_2afc``, ``open_jnd``, ``iter_batches``).
+- ``scores``: ``score_2afc``, ``score_jnd`` (the reference's definitions), ``score_table``, ``voc_ap``.
+- ``head``: the ranking head ``Dist2LogitLayer`` / ``BCERankingLoss``.
+- ``trainer``: ``train()``, the reference recipe on cached trunk features.
+- ``synthetic``: small BAPPS-format folders judged by a teacher metric.
+"""
+
+from __future__ import annotations
+
+from .bapps import BappsError, JNDSet, TwoAFCSet, iter_batches, open_2afc, open_jnd, read_rgb, to_input
+from .head import BCERankingLoss, Dist2LogitLayer
+from .scores import jnd_map, score_2afc, score_jnd, score_table, twoafc_agreement, voc_ap
+
+__all__ = [
+    "BappsError",
+    "TwoAFCSet",
+    "JNDSet",
+    "open_2afc",
+    "open_jnd",
+    "iter_batches",
+    "read_rgb",
+    "to_input",
+    "Dist2LogitLayer",
+    "BCERankingLoss",
+    "score_2afc",
+    "score_jnd",
+    "score_table",
+    "twoafc_agreement",
+    "jnd_map",
+    "voc_ap",
+]
