@@ -1,0 +1,525 @@
+"""One settings object, layered: defaults < TOML file < environment ``LPIPS_FAST_*`` < flags.
+
+    settings = load_settings(config="lpips-fast.toml", flags={"serve.port": ("9000", "--port")})
+    settings["serve.port"]            # 9000
+    settings.source("serve.port")     # 'flag --port'
+
+Keys are ``section.name``. Sections group what each part reads: ``model`` (which LPIPS), ``scorer``
+(dynamic batching), ``serve`` (the HTTP service), ``log``. A command that needs more settings adds
+its own section with ``define`` (one ``Setting`` per key); nothing else changes.
+
+- File: ``--config PATH`` (or ``$LPIPS_FAST_CONFIG``) names a TOML file whose top-level tables are
+  the sections; without it, the first ``pyproject.toml`` found from the working directory upward is
+  read, and its ``[tool.lpips-fast]`` table (if any) is used. Relative paths in a file are relative
+  to the file. Parsed with ``tomllib`` (Python >= 3.11) or the ``tomli`` package.
+- Environment: ``LPIPS_FAST_<SECTION>_<NAME>``, e.g. ``LPIPS_FAST_SERVE_PORT=9000``. Only variables
+  whose first word is a known section are settings (``LPIPS_FAST_HOME`` and friends are not).
+- Flags: whatever the command line gives explicitly, e.g. ``--port 9000`` or ``--set serve.port=9000``.
+
+An unknown key or a bad value is a ``SettingsError`` naming the key, where it came from
+(``file:line``, ``env VAR``, ``flag --x``) and what is allowed. Secret values (``serve.auth_token``)
+are never printed: ``show`` and error messages say only whether they are set.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "Setting",
+    "Settings",
+    "SettingsError",
+    "SCHEMA",
+    "ENV_PREFIX",
+    "define",
+    "load_settings",
+    "find_config_file",
+    "parse_size",
+]
+
+ENV_PREFIX = "LPIPS_FAST_"
+ENV_CONFIG = "LPIPS_FAST_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A bad or unknown setting; the message names the key, its source and what is allowed."""
+
+
+def parse_size(text: str | int) -> int:
+    """``'32M'``, ``'1G'``, ``'500k'``, ``'1048576'`` -> bytes (powers of 1024)."""
+    if isinstance(text, bool):
+        raise ValueError(text)
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(text)
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key: its type, default, limits and help.
+
+    ``type``: 'str', 'int', 'float', 'bool', 'size' (bytes; '32M' accepted), 'path', 'list'
+    (strings; 'a,b' from text), 'map' (name -> string; 'a=x,b=y' from text), 'weights'
+    (name -> number >= 0; 'a=0.9,b=0.1' from text).
+    """
+
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    nullable: bool = False  # None (unset) is allowed; 'none' in text
+    secret: bool = False
+    flag: str | None = None  # the command-line flag that sets it (besides --set)
+    hidden: bool = False  # not listed in --help (still settable and shown)
+
+    def allowed(self) -> str:
+        t = self.type
+        if self.choices:
+            s = "one of " + ", ".join(self.choices)
+        elif t in ("int", "float", "size"):
+            word = {"int": "an integer", "float": "a number", "size": "a size in bytes such as 32M or 1048576"}[t]
+            lo = None if self.min is None else (f"> {self.min:g}" if self.min_exclusive else f">= {self.min:g}")
+            hi = None if self.max is None else f"<= {self.max:g}"
+            if lo and hi and not self.min_exclusive:
+                s = f"{word} from {self.min:g} to {self.max:g}"
+            else:
+                s = " ".join([word] + [x for x in (lo, hi) if x])
+        else:
+            s = {
+                "bool": "true or false",
+                "str": "a string",
+                "path": "a file path",
+                "list": "a list of strings (comma-separated in text)",
+                "map": "a table name = string (NAME=VALUE,... in text)",
+                "weights": "a table name = number >= 0 (NAME=NUMBER,... in text)",
+            }[t]
+        return s + (" (or none)" if self.nullable else "")
+
+    def parse(self, value: Any, key: str, source: str, base: Path | None = None) -> Any:
+        """Check and convert ``value`` (text from env/flags, or a TOML value)."""
+        shown = "<secret>" if self.secret else repr(value)
+
+        def bad(extra: str = "") -> SettingsError:
+            return SettingsError(f"{key}: got {shown} from {source}, expected {self.allowed()}{extra}")
+
+        if self.nullable and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))):
+            return None
+        t = self.type
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise bad()
+        if t in ("int", "size"):
+            if isinstance(value, bool):
+                raise bad()
+            try:
+                if t == "size":
+                    v = parse_size(value)
+                elif isinstance(value, int):
+                    v = value
+                elif isinstance(value, str):
+                    v = int(value.strip())
+                else:
+                    raise ValueError
+            except (ValueError, TypeError):
+                raise bad() from None
+            self._check_range(v, bad)
+            return v
+        if t == "float":
+            if isinstance(value, bool):
+                raise bad()
+            try:
+                v = float(value) if isinstance(value, (int, float, str)) else None
+            except ValueError:
+                v = None
+            if v is None or not math.isfinite(v):
+                raise bad()
+            self._check_range(v, bad)
+            return v
+        if t in ("str", "path"):
+            if not isinstance(value, str):
+                raise bad()
+            v = value.strip()
+            if self.choices and v not in self.choices:
+                close = difflib.get_close_matches(v, self.choices, n=1)
+                raise bad(f" (did you mean {close[0]!r}?)" if close else "")
+            if t == "path":
+                p = Path(os.path.expanduser(v))
+                if base is not None and not p.is_absolute():
+                    p = base / p
+                return str(p)
+            return v
+        if t == "list":
+            items = _split_items(value)
+            if items is None:
+                raise bad()
+            if self.choices:
+                for it in items:
+                    if it not in self.choices:
+                        raise bad()
+            return tuple(items)
+        if t in ("map", "weights"):
+            pairs = _split_pairs(value)
+            if pairs is None:
+                raise bad()
+            out: dict[str, Any] = {}
+            for name, v in pairs:
+                if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in out:
+                    raise bad(f" (name {name!r} is empty, repeated or has characters outside A-Z a-z 0-9 _ . -)")
+                if t == "weights":
+                    try:
+                        f = float(v) if not isinstance(v, bool) else None
+                    except (ValueError, TypeError):
+                        f = None
+                    if f is None or not math.isfinite(f) or f < 0:
+                        raise bad(f" (weight of {name!r}: {v!r})")
+                    out[name] = f
+                else:
+                    if not isinstance(v, str) or not v.strip():
+                        raise bad(f" (value of {name!r}: {v!r})")
+                    out[name] = v.strip()
+            return out
+        raise AssertionError(f"unknown setting type {t!r}")
+
+    def _check_range(self, v: float, bad) -> None:
+        if self.min is not None and (v <= self.min if self.min_exclusive else v < self.min):
+            raise bad()
+        if self.max is not None and v > self.max:
+            raise bad()
+
+
+def _split_items(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
+        out: list[str] = []
+        for s in value:
+            out += [x.strip() for x in s.split(",") if x.strip()]
+        return out
+    return None
+
+
+def _split_pairs(value: Any) -> list[tuple[str, Any]] | None:
+    if isinstance(value, Mapping):
+        return [(str(k), v) for k, v in value.items()]
+    items = _split_items(value)
+    if items is None:
+        return None
+    out = []
+    for it in items:
+        if "=" not in it:
+            return None
+        k, v = it.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+# -- the schema ------------------------------------------------------------------------------
+SCHEMA: dict[str, dict[str, Setting]] = {}
+
+
+def define(section: str, name: str, setting: Setting) -> None:
+    """Add a key (sections are created on first use). Section names have no underscore."""
+    if "_" in section or not re.fullmatch(r"[a-z][a-z0-9]*", section):
+        raise ValueError(f"section: got {section!r}, expected lowercase letters and digits")
+    SCHEMA.setdefault(section, {})[name] = setting
+
+
+_S = Setting
+for _name, _s in {
+    "net": _S("str", "alex", "trunk network", choices=("alex", "vgg", "vgg16", "squeeze"), flag="--net"),
+    "version": _S("str", "0.1", "LPIPS version", choices=("0.1", "0.0", "v0.1", "v0.0"), flag="--version"),
+    "dtype": _S("str", "auto", "trunk precision (auto: float32 on CPU, bfloat16 on CUDA)",
+                choices=("auto", "float32", "float16", "bfloat16"), flag="--dtype"),
+    "compile": _S("str", "auto", "torch.compile the trunk (auto: on CUDA only)", choices=("auto", "on", "off"), flag="--compile"),
+    "trunk": _S("path", None, "trunk weights file (torchvision format) instead of the fetched ones", nullable=True, flag="--trunk"),
+    "lin": _S("path", None, "lin-layer weights file instead of the packaged ones", nullable=True, flag="--lin"),
+    "state_dict": _S("path", None, "a complete LPIPS state dict (reference keys)", nullable=True, flag="--state-dict"),
+    "random_trunk": _S("bool", False, "random trunk weights (testing only)", hidden=True),
+    "seed": _S("int", 0, "seed for random_trunk", hidden=True),
+}.items():
+    define("model", _name, _s)
+
+for _name, _s in {
+    "devices": _S("list", (), "devices, e.g. cpu or cuda:0,cuda:1 (empty: every GPU, else cpu)", flag="--device"),
+    "max_batch": _S("int", 64, "most pairs per engine call", min=1, flag="--max-batch"),
+    "max_delay_ms": _S("float", 2.0, "how long a batch waits for more pairs after its first", min=0, flag="--max-delay-ms"),
+    "max_queue": _S("int", 4096, "most pairs waiting for a device (then: wait, or Overloaded)", min=1, flag="--max-queue"),
+}.items():
+    define("scorer", _name, _s)
+
+for _name, _s in {
+    "host": _S("str", "127.0.0.1", "address to listen on", flag="--host"),
+    "port": _S("int", 8080, "TCP port (0: any free port)", min=0, max=65535, flag="--port"),
+    "models": _S("map", {}, "A/B arms NAME=SPEC (SPEC: NET[-vVERSION][@STATE_DICT]); empty: one arm from [model]",
+                 flag="--model"),
+    "split": _S("weights", {}, "traffic share per arm NAME=WEIGHT (empty: equal shares)", flag="--split"),
+    "key_header": _S("str", "x-request-key", "request header whose value picks the arm by a stable hash", flag="--key-header"),
+    "max_body_bytes": _S("size", 32 << 20, "largest request body (413 beyond)", min=1, flag="--max-body-bytes"),
+    "max_pixels": _S("int", 16_777_216, "largest image in pixels, checked before decoding (413 beyond)", min=1,
+                     flag="--max-pixels"),
+    "request_timeout_s": _S("float", 30.0, "longest a request may take (504 beyond)", min=0, min_exclusive=True,
+                            flag="--request-timeout"),
+    "max_concurrency": _S("int", 256, "most requests in progress at once (503 beyond)", min=1, flag="--max-concurrency"),
+    "shutdown_timeout_s": _S("float", 30.0, "on SIGTERM, how long in-flight requests may finish", min=0,
+                             flag="--shutdown-timeout"),
+    "warmup_size": _S("int", 64, "image size of the warm-up pair run before /readyz turns ready", min=1, hidden=True),
+    "auth_token": _S("str", None, "if set, /v1/* requests need 'Authorization: Bearer <token>'", nullable=True,
+                     secret=True),
+}.items():
+    define("serve", _name, _s)
+
+for _name, _s in {
+    "level": _S("str", "warning", "lpips_fast logger level", choices=("critical", "error", "warning", "info", "debug"),
+                flag="--log-level"),
+    "format": _S("str", "text", "log line format", choices=("text", "json"), flag="--log-format"),
+}.items():
+    define("log", _name, _s)
+del _S, _name, _s
+
+
+def _lookup(key: str, source: str) -> Setting:
+    section, _, name = key.partition(".")
+    if section not in SCHEMA:
+        close = difflib.get_close_matches(section, SCHEMA, n=1)
+        hint = f" (did you mean [{close[0]}]?)" if close else ""
+        raise SettingsError(f"unknown setting {key!r} from {source}: unknown section [{section}]{hint}; "
+                            f"sections are {', '.join(f'[{s}]' for s in SCHEMA)}")
+    keys = SCHEMA[section]
+    if name not in keys:
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        raise SettingsError(f"unknown setting {key!r} from {source}{hint}; [{section}] has {', '.join(keys)}")
+    return keys[name]
+
+
+# -- the settings object -----------------------------------------------------------------------
+@dataclass
+class Settings:
+    """Effective values (``settings['serve.port']``) and where each came from (``source(key)``)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    config_file: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.values:
+            _lookup(key, "the program")
+        return self.values[key]
+
+    def source(self, key: str) -> str:
+        return self.sources[key]
+
+    def section(self, name: str) -> dict[str, Any]:
+        """``{name: value}`` of one section."""
+        return {k.split(".", 1)[1]: v for k, v in self.values.items() if k.split(".", 1)[0] == name}
+
+    def display(self, key: str) -> str:
+        """The value as text; secrets only say whether they are set."""
+        s = _lookup(key, "the program")
+        v = self.values[key]
+        if s.secret:
+            return "(unset)" if v is None else "(set, hidden)"
+        if v is None:
+            return "(unset)"
+        if s.type == "list":
+            return ",".join(v) if v else "(auto)" if key == "scorer.devices" else "(empty)"
+        if s.type in ("map", "weights"):
+            return ",".join(f"{k}={x:g}" if isinstance(x, float) else f"{k}={x}" for k, x in v.items()) or "(empty)"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return str(v)
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(key, value text, source) for every key, schema order."""
+        return [(k, self.display(k), self.sources[k]) for k in self.values]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested ``{section: {name: {"value", "source"}}}`` for JSON; secrets hidden."""
+        out: dict[str, dict[str, Any]] = {}
+        for k, v in self.values.items():
+            sec, name = k.split(".", 1)
+            s = SCHEMA[sec][name]
+            if s.secret:
+                v = None if v is None else "(set, hidden)"
+            elif isinstance(v, tuple):
+                v = list(v)
+            out.setdefault(sec, {})[name] = {"value": v, "source": self.sources[k]}
+        return out
+
+
+def find_config_file(start: str | os.PathLike | None = None) -> tuple[Path, bool] | None:
+    """The first ``pyproject.toml`` from ``start`` upward: ``(path, True)``; None if there is none."""
+    d = Path(start or os.getcwd()).resolve()
+    for p in (d, *d.parents):
+        f = p / "pyproject.toml"
+        if f.is_file():
+            return f, True
+    return None
+
+
+def _load_toml(path: Path) -> tuple[dict, str]:
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise SettingsError(
+                f"config file {path}: reading TOML on Python < 3.11 needs the 'tomli' package (pip install tomli)"
+            ) from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SettingsError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"config file {path}: not valid TOML: {e}") from None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Best-effort line numbers of dotted keys and table headers in TOML text."""
+    lines: dict[str, int] = {}
+    table: list[str] = []
+
+    def parts(s: str) -> list[str]:
+        return [p.strip().strip("\"'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', s.strip())]
+
+    for i, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
+        if m:
+            table = parts(m.group(1))
+            lines.setdefault(".".join(table), i)
+            continue
+        m = re.match(r"\s*((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-.\s])+?)\s*=", line)
+        if m:
+            lines.setdefault(".".join(table + parts(m.group(1))), i)
+    return lines
+
+
+def _file_layer(path: Path, in_pyproject: bool) -> dict[str, tuple[Any, str]]:
+    data, text = _load_toml(path)
+    prefix: list[str] = []
+    if in_pyproject:
+        data = data.get("tool", {}).get("lpips-fast")
+        if data is None:
+            return {}
+        prefix = ["tool", "lpips-fast"]
+    where = _key_lines(text)
+
+    def loc(path_parts: list[str]) -> str:
+        for n in range(len(path_parts), 0, -1):
+            line = where.get(".".join(prefix + path_parts[:n]))
+            if line is not None:
+                return f"{path}:{line}"
+        return str(path)
+
+    out: dict[str, tuple[Any, str]] = {}
+    base = path.parent
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            src = loc([section])
+            raise SettingsError(
+                f"unknown setting {section!r} from {src}: top-level keys must be tables, one per section "
+                f"({', '.join(f'[{s}]' for s in SCHEMA)})"
+            )
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            src = loc([section, name])
+            s = _lookup(key, src)
+            out[key] = (s.parse(value, key, src, base=base), src)
+    return out
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):]
+        section, _, name = rest.partition("_")
+        if section.lower() not in SCHEMA or not name:
+            continue  # LPIPS_FAST_HOME and other non-settings variables
+        key = f"{section.lower()}.{name.lower()}"
+        src = f"env {var}"
+        s = _lookup(key, src)
+        out[key] = (s.parse(text, key, src), src)
+    return out
+
+
+def load_settings(
+    config: str | os.PathLike | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, tuple[Any, str]] | Iterable[tuple[str, Any, str]] | None = None,
+    start_dir: str | os.PathLike | None = None,
+    search_pyproject: bool = True,
+) -> Settings:
+    """Defaults < file < environment < flags.
+
+    ``config``: a TOML file (sections as top-level tables; a ``pyproject.toml`` is read from its
+    ``[tool.lpips-fast]`` table); default ``$LPIPS_FAST_CONFIG``, else the first pyproject.toml
+    from ``start_dir`` (default: the working directory) upward. ``env`` defaults to
+    ``os.environ``. ``flags``: ``{key: (value, flag text)}`` or ``(key, value, flag text)`` triples.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for section, keys in SCHEMA.items():
+        for name, s in keys.items():
+            values[f"{section}.{name}"] = s.default
+            sources[f"{section}.{name}"] = "default"
+
+    if config is None and env.get(ENV_CONFIG):
+        config = env[ENV_CONFIG]
+    found: tuple[Path, bool] | None
+    if config is not None:
+        p = Path(os.path.expanduser(os.fspath(config)))
+        if not p.is_file():
+            src = f"env {ENV_CONFIG}" if env.get(ENV_CONFIG) == os.fspath(config) else "flag --config"
+            raise SettingsError(f"config: got {os.fspath(config)!r} from {src}, expected an existing TOML file")
+        found = (p, p.name == "pyproject.toml")
+    else:
+        found = find_config_file(start_dir) if search_pyproject else None
+    config_file = None
+    layers = []
+    if found is not None:
+        layer = _file_layer(*found)
+        if layer or not found[1]:
+            config_file = str(found[0])
+        layers.append(layer)
+    layers.append(_env_layer(env))
+    if flags is not None:
+        items = flags.items() if isinstance(flags, Mapping) else ((k, (v, f)) for k, v, f in flags)
+        flag_layer = {}
+        for key, (value, flag) in items:
+            src = f"flag {flag}"
+            flag_layer[key] = (_lookup(key, src).parse(value, key, src), src)
+        layers.append(flag_layer)
+    for layer in layers:
+        for key, (v, src) in layer.items():
+            values[key] = v
+            sources[key] = src
+    return Settings(values=values, sources=sources, config_file=config_file)
