@@ -7,8 +7,12 @@
     lpips-fast map a.png b.png -o heat.png
     lpips-fast weights ...            (the pretrained-weights tool)
 
-Exit status: 0 every row scored, 3 some rows are errors, 2 bad arguments (or missing weights),
-1 an unexpected failure. See ``lpips-fast COMMAND --help``.
+Exit status: 0 every row scored, 3 some rows are errors, 2 bad arguments (one line on stderr
+naming the option; also missing weights), 1 an unexpected failure. See ``lpips-fast COMMAND --help``.
+
+This module parses arguments and prints; each command builds an ``EvalOptions`` and a
+``RunOutput`` and calls one library function (``evaluate.run_to_output``,
+``diversity.evaluate_all_pairs``, ``heatmap.heat_map``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,8 @@ import argparse
 import math
 import os
 import sys
-import time
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR_ROWS", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "summary_line", "show_progress", "EXIT_OK", "EXIT_ERROR_ROWS", "EXIT_USAGE", "COMMAND_GROUPS"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -29,6 +32,13 @@ EXIT_ERROR_ROWS = 3
 
 class UsageError(Exception):
     """A bad argument found after parsing (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``lpips-fast COMMAND: error: ...`` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _default_workers() -> int:
@@ -70,7 +80,7 @@ def _size(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 10G or 500M, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive finite size such as 10G or 500M, got {text!r}")
 
 
 def _common_parser() -> argparse.ArgumentParser:
@@ -102,6 +112,8 @@ def _common_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=["csv", "jsonl"], default=None, help="row format (default: from the -o extension, else csv)")
     g.add_argument("--resume", action="store_true", help="keep the rows already in -o OUT and score only the missing pairs")
+    g.add_argument("--retry-errors", action="store_true", help="with --resume: score the pairs that were error rows again")
+    g.add_argument("--force", action="store_true", help="with --resume: continue an output written with other settings")
     g.add_argument("--cache", metavar="DIR", default=None, help="feature cache directory (reused across runs and processes)")
     g.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE", help="cache size bound, LRU-evicted (default: 10G)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -110,7 +122,7 @@ def _common_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common_parser()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lpips-fast",
         description="Fast exact LPIPS (lpips 0.1.4 numbers) for image pairs, folders and all pairs.",
         epilog="Exit status: 0 all rows scored, 3 some rows are errors, 2 bad arguments. "
@@ -176,198 +188,84 @@ def build_parser() -> argparse.ArgumentParser:
 # Command groups that live beside the library layer they drive. Each module defines
 # ``add_commands(subparsers)`` and imports nothing heavy at module level (the parser is built on
 # every invocation); its command functions return an exit status.
-COMMAND_GROUPS = ("lpips_fast.weights.cli", "lpips_fast.serve.cli")
+COMMAND_GROUPS = ("lpips_fast.weights.cli", "lpips_fast.deploy_cli", "lpips_fast.serve.cli")
 
 
-# -- helpers ---------------------------------------------------------------------------------
-class _Run:
-    """What every scoring command sets up: distributed context, model session, output."""
-
-    def __init__(self, args):
-        from .distributed import init_from_env
-
-        self.args = args
-        self.t0 = time.perf_counter()
-        _check_device(args.device)
-        self.ctx, device = init_from_env(args.device)
-        self.main = self.ctx.is_main
-        self.session = _make_session(args, device, self.ctx)
-
-    def progress(self, total: int, unit: str = "pair"):
-        show = self.main and not self.args.quiet and sys.stderr.isatty()
-        if not show:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def close(self):
-        self.ctx.close()
-
-
-def _check_device(device: str | None) -> None:
-    import torch
-
-    if device in (None, "auto"):
-        return
+# -- printing --------------------------------------------------------------------------------
+def _print(text: str, file=None) -> None:
+    """print(), escaping what the stream's encoding cannot hold (file names are arbitrary bytes)."""
+    file = file or sys.stdout
+    enc = getattr(file, "encoding", None) or "utf-8"
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {device}: {e}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-
-
-def _make_session(args, device, ctx):
-    from .evaluate import Session, build_model
-
-    model = build_model(
-        args.net, args.version, state_dict=args.state_dict, trunk=args.trunk, lin=args.lin,
-        random_trunk=args.random_trunk, seed=args.model_seed,
-    )
-    cache = None
-    if args.cache:
-        from .feature_cache import FeatureCache
-
-        cache = FeatureCache(args.cache, max_bytes=args.cache_max_size)
-    return Session(
-        model, device=device, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
-        resize=args.resize, max_pixels=args.max_pixels, cache=cache, ctx=ctx,
-        engine={"auto": None, "on": True, "off": False}[args.engine], compile=args.compile,
-    )
+        text.encode(enc)
+    except (UnicodeEncodeError, LookupError):
+        text = text.encode(enc, "backslashreplace").decode(enc, "replace")
+    print(text, file=file, flush=True)
 
 
 def _fmt(v: float) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
 
 
-def summary_line(
-    stats, elapsed: float, scored_now: int, session=None, resumed: int = 0, label: str = "summary", session_totals: dict | None = None
-) -> str:
+def summary_line(result, label: str = "summary") -> str:
+    """The one-line summary of a ``RunResult``."""
+    stats, tot = result.stats, result.totals or {}
     has = stats.n > 0
-    parts = [
-        f"count={stats.count}",
-        f"errors={stats.errors}",
-        f"mean={_fmt(stats.mean) if has else 'nan'}",
-        f"std={_fmt(stats.std) if has else 'nan'}",
-        f"stderr={_fmt(stats.stderr) if has else 'nan'}",
-        f"min={_fmt(stats.min) if has else 'nan'}",
-        f"max={_fmt(stats.max) if has else 'nan'}",
-        f"elapsed={elapsed:.3f}s",
-        f"pairs/s={scored_now / elapsed if elapsed > 0 else 0.0:.1f}",
-    ]
-    if resumed:
-        parts.append(f"resumed={resumed}")
-    if session is not None:
-        tot = session_totals if session_totals is not None else _local_totals(session)
-        if tot["oom"]:
-            parts.append(f"oom_retries={tot['oom']} batch_size={session.initial_batch_size}->{tot['batch_size']}")
-        if session.cache is not None:
-            parts.append(f"cache_hits={tot['hits']} cache_misses={tot['misses']}")
+    parts = [f"count={stats.count}", f"errors={stats.errors}"]
+    for name in ("mean", "std", "stderr", "min", "max"):
+        parts.append(f"{name}={_fmt(getattr(stats, name)) if has else 'nan'}")
+    parts.append(f"elapsed={result.elapsed:.3f}s")
+    parts.append(f"pairs/s={result.scored / result.elapsed if result.elapsed > 0 else 0.0:.1f}")
+    if result.resumed:
+        parts.append(f"resumed={result.resumed}")
+    if tot.get("oom"):
+        parts.append(f"oom_retries={tot['oom']} batch_size={tot['initial_batch_size']}->{tot['batch_size']}")
+    if tot.get("cached"):
+        parts.append(f"cache_hits={tot['hits']} cache_misses={tot['misses']}")
     return f"{label}: " + " ".join(parts)
 
 
-def _local_totals(session) -> dict:
-    c = session.cache
-    return {
-        "oom": session.stats.oom_events,
-        "batch_size": session.batch_size,
-        "hits": c.hits if c is not None else 0,
-        "misses": c.misses if c is not None else 0,
-    }
+def show_progress(quiet: bool, main: bool = True) -> bool:
+    """Draw a progress bar: on rank 0, without --quiet, when stderr is a terminal."""
+    return main and not quiet and sys.stderr.isatty()
 
 
-def gather_totals(run) -> dict | None:
-    """OOM retries and cache counts summed over the ranks (smallest batch size); None off rank 0.
-    Every rank must call it."""
-    parts = run.ctx.gather(_local_totals(run.session))
-    if parts is None:
-        return None
-    return {
-        "oom": sum(p["oom"] for p in parts),
-        "batch_size": min(p["batch_size"] for p in parts),
-        "hits": sum(p["hits"] for p in parts),
-        "misses": sum(p["misses"] for p in parts),
-    }
+# -- from arguments to the library -----------------------------------------------------------
+def _options(args, command: str, **extra):
+    from .options import EvalOptions
+
+    opts = EvalOptions(
+        net=args.net, version=args.version, device=args.device, dtype=args.dtype, state_dict=args.state_dict,
+        trunk=args.trunk, lin=args.lin, random_trunk=args.random_trunk, seed=args.model_seed,
+        batch_size=args.batch_size, workers=args.workers, resize=args.resize, max_pixels=args.max_pixels,
+        cache=args.cache, cache_max_bytes=args.cache_max_size, distributed=True,
+        engine={"auto": None, "on": True, "off": False}[args.engine], compile=args.compile, extra=extra,
+    )
+    return _named(opts.validate)  # fail before any work, naming the command-line option
 
 
-def _open_output(args, run: _Run, *, stdout_default: bool):
-    """(writer or None, existing rows, summary stream). Only rank 0 writes."""
-    from .writers import ExistingRows, RowWriter, format_from_path, read_existing
+def _named(fn):
+    """Run ``fn``; re-raise an OptionError with the command-line spelling of the option."""
+    from .errors import OptionError
 
-    out = getattr(args, "output", None)
-    fmt = format_from_path(out, args.format)
-    existing = ExistingRows()
-    if not run.main:
-        return None, existing, sys.stderr
-    if out not in (None, "-") and args.resume:
-        existing = read_existing(out, fmt)
-    if out is None and not stdout_default:
-        return None, existing, sys.stdout
-    writer = RowWriter(out, fmt, append=bool(args.resume))
-    return writer, existing, (sys.stderr if out in (None, "-") else sys.stdout)
-
-
-def _check_resume(args):
-    """Output checks before any work: --resume needs -o; -o must be writable; a resumed file
-    must be one of ours in the chosen format (checked here so every rank agrees)."""
-    out = getattr(args, "output", None)
-    if args.resume and out in (None, "-"):
-        raise UsageError("--resume needs -o OUT (the file to complete)")
-    if out in (None, "-"):
-        return
-    if os.path.isdir(out):
-        raise UsageError(f"-o {out}: is a directory")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise UsageError(f"-o {out}: the folder {parent} does not exist")
-    if args.resume and os.path.exists(out):
-        from .writers import format_from_path, looks_like
-
-        fmt = format_from_path(out, args.format)
-        problem = looks_like(out, fmt)
-        if problem:
-            raise UsageError(f"--resume -o {out}: {problem}")
-
-
-def _score_specs(args, specs, *, ref_file=None) -> int:
-    from .writers import Stats
-
-    _check_resume(args)
-    run = _Run(args)
     try:
-        writer, existing, summary_stream = _open_output(args, run, stdout_default=True)
-        stats = Stats()
-        for r in existing.rows:
-            stats.add(r)
-        bar = run.progress(max(0, len(specs) - len(existing.keys)))
-        scored = 0
-        try:
-            for rows in run.session.iter_pairs(specs, skip=existing.keys, ref_file=ref_file, on_progress=(bar.update if bar else None)):
-                if writer is not None:
-                    writer.write(rows)
-                for r in rows:
-                    stats.add(r)
-                scored += len(rows)
-        finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
-        totals = gather_totals(run)
-        if not run.main:
-            return EXIT_OK
-        elapsed = time.perf_counter() - run.t0
-        print(
-            summary_line(stats, elapsed, scored, run.session, resumed=len(existing.rows), session_totals=totals),
-            file=summary_stream, flush=True,
-        )
-        return EXIT_ERROR_ROWS if stats.errors else EXIT_OK
-    finally:
-        run.close()
+        return fn()
+    except OptionError as e:
+        msg = str(e)
+        for api, flag in (("cache_max_bytes", "--cache-max-size"), ("state_dict", "--state-dict"), ("max_pixels", "--max-pixels"),
+                          ("batch_size", "--batch-size"), ("resize", "--resize"), ("device", "--device"), ("dtype", "--dtype"),
+                          ("cache", "--cache"), ("trunk", "--trunk"), ("lin", "--lin"), ("net", "--net"), ("version", "--version")):
+            if msg.startswith(api + ":") or msg.startswith(api + " "):
+                msg = flag + msg[len(api):]
+                break
+        raise OptionError(msg) from None
+
+
+def _output(args, opts, command: str, *, stdout_rows: bool | None = None):
+    from .writers import RunOutput
+
+    return RunOutput(args.output, args.format, resume=args.resume, settings=opts.settings(command), force=args.force,
+                     retry_errors=args.retry_errors, stdout_rows=command in ("dirs", "ref") if stdout_rows is None else stdout_rows)
 
 
 def _need_dir(path: str, what: str) -> None:
@@ -380,13 +278,36 @@ def _need_file(path: str, what: str) -> None:
         raise UsageError(f"{what}: {path} does not exist")
 
 
+def _score(args, command: str, specs, *, ref_file: str | None = None, engine_auto: bool = True):
+    """Score ``specs`` into -o (or stdout); returns the RunResult (None off rank 0)."""
+    from .evaluate import run_to_output, spec_files, start
+    from .features import FeatureSource
+
+    opts = _options(args, command)
+    if not engine_auto and args.engine == "auto":
+        opts = opts.replace(engine=False)  # one pair: capturing CUDA graphs would cost more than it saves
+    out = _output(args, opts, command)
+    _named(lambda: out.check(spec_files(specs, ref_file)))
+    ctx, device = _named(lambda: start(opts))
+    try:
+        src = _named(lambda: FeatureSource.from_options(opts, device))
+        res = run_to_output(specs, src, ctx, out, ref_file=ref_file, show_progress=show_progress(args.quiet, ctx.is_main),
+                            keep_rows=command == "pair")
+        return res if ctx.is_main else None
+    finally:
+        ctx.close()
+
+
 # -- commands --------------------------------------------------------------------------------
 def cmd_dirs(args) -> int:
     from .evaluate import dir_specs
 
     _need_dir(args.dir0, "DIR0")
     _need_dir(args.dir1, "DIR1")
-    return _score_specs(args, dir_specs(args.dir0, args.dir1))
+    specs = dir_specs(args.dir0, args.dir1)
+    if not specs:
+        raise UsageError(f"DIR0/DIR1: no images under {args.dir0} or {args.dir1} (expected image files, searched recursively)")
+    return _report(args, _score(args, "dirs", specs))
 
 
 def cmd_ref(args) -> int:
@@ -394,81 +315,51 @@ def cmd_ref(args) -> int:
 
     _need_file(args.ref, "REF")
     _need_dir(args.dir, "DIR")
-    return _score_specs(args, ref_specs(args.ref, args.dir), ref_file=args.ref)
+    specs = ref_specs(args.ref, args.dir)
+    if not specs:
+        raise UsageError(f"DIR: no images under {args.dir} (expected image files, searched recursively)")
+    return _report(args, _score(args, "ref", specs, ref_file=args.ref))
+
+
+def _report(args, res) -> int:
+    if res is None:
+        return EXIT_OK
+    _print(summary_line(res), sys.stderr if args.output in (None, "-") else sys.stdout)
+    return EXIT_ERROR_ROWS if res.stats.errors else EXIT_OK
 
 
 def cmd_pair(args) -> int:
     from .evaluate import pair_specs
-    from .writers import RowWriter, format_from_path
-
     from .writers import read_existing
 
-    _check_resume(args)
     specs = pair_specs([(args.path0, args.path1)])
-    if args.resume and os.path.exists(args.output):
-        done = {r.key: r for r in read_existing(args.output, format_from_path(args.output, args.format)).rows}
+    if args.resume and args.output not in (None, "-") and os.path.exists(args.output):
+        opts = _options(args, "pair")
+        _named(lambda: _output(args, opts, "pair").check([args.path0, args.path1]))
+        done = {r.key: r for r in read_existing(args.output, _output(args, opts, "pair").fmt).rows}
         row = done.get((args.path0, args.path1))
-        if row is not None:  # already scored: report it, write nothing
-            if row.error is not None:
-                print(f"lpips-fast pair: error: {row.error}", file=sys.stderr)
-                return EXIT_ERROR_ROWS
-            print(repr(float(row.lpips)))
-            return EXIT_OK
-    run = _Run(args)
-    if args.engine == "auto":
-        run.session.use_engine = False  # one pair: capturing CUDA graphs would cost more than it saves
-    try:
-        rows = [r for rs in run.session.iter_pairs(specs) for r in rs]
-        if not run.main:
-            return EXIT_OK
-        (row,) = rows
-        if args.output:
-            w = RowWriter(args.output, format_from_path(args.output, args.format), append=bool(args.resume))
-            w.write(rows)
-            w.close()
-        if row.error is not None:
-            print(f"lpips-fast pair: error: {row.error}", file=sys.stderr)
-            return EXIT_ERROR_ROWS
-        print(repr(float(row.lpips)))
-        return EXIT_OK
-    finally:
-        run.close()
+        if row is not None and not (row.error is not None and args.retry_errors):
+            return _pair_result(row)  # already scored: report it, write nothing
+    res = _score(args, "pair", specs, engine_auto=False)
+    return EXIT_OK if res is None else _pair_result(res.rows[0])
 
 
-def _sample_pairs(n: int, k: int, seed: int):
-    """k distinct unordered pairs (i < j) of range(n), sorted, reproducible from ``seed``."""
-    import numpy as np
-
-    total = n * (n - 1) // 2
-    rng = np.random.default_rng(seed)
-    if 2 * k >= total:
-        flat = np.sort(rng.choice(total, size=k, replace=False))
-    else:
-        chosen: set[int] = set()
-        while len(chosen) < k:
-            for v in rng.integers(0, total, size=2 * (k - len(chosen))).tolist():
-                chosen.add(v)
-                if len(chosen) == k:
-                    break
-        flat = np.array(sorted(chosen), dtype=np.int64)
-    # flat index -> (i, j) in row-major upper-triangle order
-    i = (n - 2 - np.floor(np.sqrt(-8 * flat + 4 * n * (n - 1) - 7) / 2.0 - 0.5)).astype(np.int64)
-    j = (flat + i + 1 - n * (n - 1) // 2 + (n - i) * ((n - i) - 1) // 2).astype(np.int64)
-    return i, j
+def _pair_result(row) -> int:
+    if row.error is not None:
+        _print(f"lpips-fast pair: error: {row.error}", sys.stderr)
+        return EXIT_ERROR_ROWS
+    _print(repr(float(row.lpips)))
+    return EXIT_OK
 
 
 def cmd_allpairs(args) -> int:
-    import numpy as np
-    import torch
-
-    from .pairwise import _weights_nonneg, column_scale, flatten_unit_features, gram_distances, pair_distances
-    from .data import list_images
-    from .distributed import shard
-    from .writers import Row, Stats
+    from .diversity import evaluate_all_pairs, image_files
+    from .evaluate import start
+    from .features import FeatureSource
+    from .writers import check_new_file
 
     _need_dir(args.dir, "DIR")
-    _check_resume(args)
-    rels = list_images(args.dir)
+    rels, files = image_files(args.dir)
     n = len(rels)
     if n < 2:
         raise UsageError(f"DIR: {args.dir} holds {n} image(s); all pairs need at least 2")
@@ -476,189 +367,61 @@ def cmd_allpairs(args) -> int:
         raise UsageError(f"--pairs {args.pairs}: only {n * (n - 1) // 2} distinct pairs of {n} images exist")
     if args.pairs is not None and args.matrix:
         raise UsageError("--matrix needs all pairs (drop --pairs)")
-    run = _Run(args)
+    opts = _options(args, "allpairs", pairs=args.pairs, pair_seed=args.seed if args.pairs is not None else None)
+    out = _output(args, opts, "allpairs", stdout_rows=False)
+    _named(lambda: out.check(files))
+    if args.matrix:
+        check_new_file(args.matrix, "--matrix", inputs=files)
+        check_new_file(os.path.splitext(args.matrix)[0] + ".paths.txt", "--matrix", inputs=files)
+    ctx, device = _named(lambda: start(opts))
     try:
-        sess = run.session
-        files = [os.path.join(args.dir, r) for r in rels]
-        bar = run.progress(n, unit="img")
-        mine = []
-        for idx, d, f in sess.iter_image_features(files, shard(list(range(n)), run.ctx)):
-            if isinstance(f, str):
-                mine.append((idx, None, f))
-            else:
-                mine.append((idx, (d.hw, [tuple(t.shape) for t in f]), flatten_unit_features([t.unsqueeze(0) for t in f])[0]))
-            if bar is not None and not run.ctx.enabled:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        parts = run.ctx.gather(mine)
-        totals = gather_totals(run)
-        if not run.main:
-            return EXIT_OK
-        got = sorted((it for p in parts for it in p), key=lambda t: t[0])
-        from collections import Counter
-
-        shapes = {it[1][0]: it[1][1] for it in got if it[1] is not None}
-        got = [(idx, None if hs is None else hs[0], v) for idx, hs, v in got]
-        sizes = Counter(hw for _, hw, _ in got if hw is not None)
-        major = sizes.most_common(1)[0][0] if sizes else None
-        bad: dict[int, str] = {}
-        ok_idx = []
-        for idx, hw, v in got:
-            if hw is None:
-                bad[idx] = v
-            elif hw != major:
-                bad[idx] = f"size {hw[0]}x{hw[1]} differs from the most common size {major[0]}x{major[1]} (use --resize HxW)"
-            else:
-                ok_idx.append(idx)
-        m = len(ok_idx)
-        weights = sess.model.lin_weights()
-        ok_set = set(ok_idx)
-        V = None
-        if m:
-            # fill one (m, K) buffer, dropping each image's row as it is copied (no 2x peak)
-            k_cols = next(v for idx, _, v in got if idx in ok_set).numel()
-            V = torch.empty(m, k_cols)
-            t = 0
-            for k, (idx, hw, v) in enumerate(got):
-                if idx in ok_set:
-                    V[t] = v
-                    t += 1
-                    got[k] = (idx, hw, None)
-        del parts, mine
-        scale = column_scale(shapes[major], weights) if m else None
-
-        from .writers import ExistingRows, RowWriter, format_from_path, read_existing
-
-        fmt = format_from_path(args.output, args.format)
-        existing = ExistingRows()
-        if args.output not in (None, "-") and args.resume:
-            existing = read_existing(args.output, fmt)
-        writer = RowWriter(args.output, fmt, append=bool(args.resume)) if args.output else None
-        stats = Stats()
-        for r in existing.rows:
-            stats.add(r)
-        skip = existing.keys
-        scored = 0
-
-        def emit(rows):
-            nonlocal scored
-            rows = [r for r in rows if r.key not in skip]
-            if writer is not None and rows:
-                writer.write(rows)
-            for r in rows:
-                stats.add(r)
-            scored += len(rows)
-
-        try:
-            emit([Row(rels[i], "", None, e, i) for i, e in sorted(bad.items())])
-            if m >= 2:
-                pos = torch.tensor(ok_idx)
-                if args.pairs is not None:
-                    k = min(args.pairs, m * (m - 1) // 2)
-                    a, b = _sample_pairs(m, k, args.seed)
-                    vals = pair_distances(V, scale, torch.from_numpy(a), torch.from_numpy(b))
-                    if _weights_nonneg(weights):
-                        vals = vals.clamp(min=0)
-                    step = 20000
-                    for lo in range(0, k, step):
-                        emit([
-                            Row(rels[int(pos[a[t]])], rels[int(pos[b[t]])], float(vals[t]), None)
-                            for t in range(lo, min(k, lo + step))
-                        ])
-                else:
-                    out = None
-                    if args.matrix:
-                        # written in place, block by block (a memory-mapped .npy): the matrix
-                        # never has to fit in memory
-                        out = np.lib.format.open_memmap(args.matrix, mode="w+", dtype=np.float32, shape=(m, m))
-                        with open(os.path.splitext(args.matrix)[0] + ".paths.txt", "w", encoding="utf-8", errors="surrogateescape") as f:
-                            f.write("".join(rels[i] + "\n" for i in ok_idx))
-                    D = gram_distances(V, scale, device=sess.device, clamp=_weights_nonneg(weights), out=out)
-                    Dn = D if isinstance(D, np.ndarray) else D.numpy()
-                    names = [rels[i] for i in ok_idx]
-                    if skip:  # resuming: row by row, skipping the pairs already written
-                        batch = []
-                        for i in range(m):
-                            batch.extend(Row(names[i], names[j], float(Dn[i, j]), None) for j in range(i + 1, m))
-                            if len(batch) >= 20000:
-                                emit(batch)
-                                batch = []
-                        emit(batch)
-                    else:  # bulk: one formatted write per matrix row
-                        for i in range(m - 1):
-                            vals = np.asarray(Dn[i, i + 1 :], dtype=np.float64)
-                            if writer is not None:
-                                writer.write_pairs(names[i], names[i + 1 :], vals)
-                            stats.add_values(vals)
-                            scored += len(vals)
-                    if isinstance(Dn, np.memmap):
-                        Dn.flush()
-        finally:
-            if writer is not None:
-                writer.close()
-        elapsed = time.perf_counter() - run.t0
-        stream = sys.stderr if args.output == "-" else sys.stdout
-        print(summary_line(stats, elapsed, scored, sess, resumed=len(existing.rows), session_totals=totals), file=stream)
-        if stats.n:
-            print(f"diversity: {stats.mean:.6f} +- {stats.stderr:.6f} (mean LPIPS over {stats.n} pairs +- standard error)", file=stream, flush=True)
-        return EXIT_ERROR_ROWS if stats.errors else EXIT_OK
+        src = _named(lambda: FeatureSource.from_options(opts, device))
+        res = evaluate_all_pairs(args.dir, src, ctx, out, pairs=args.pairs, seed=args.seed, matrix=args.matrix,
+                                 listing=(rels, files), show_progress=show_progress(args.quiet, ctx.is_main))
     finally:
-        run.close()
-
-
-# heat-map colours: black -> purple -> red -> orange -> pale yellow (anchors picked by hand)
-_HEAT_ANCHORS = ((0.0, (0, 0, 4)), (0.25, (80, 18, 123)), (0.5, (182, 54, 121)), (0.75, (251, 136, 97)), (1.0, (252, 253, 191)))
-
-
-def heat_colors(v):
-    """Values in [0, 1] (numpy array) -> uint8 RGB."""
-    import numpy as np
-
-    v = np.clip(np.nan_to_num(v, nan=0.0), 0.0, 1.0)
-    xs = np.array([a for a, _ in _HEAT_ANCHORS])
-    cols = np.array([c for _, c in _HEAT_ANCHORS], dtype=np.float64)
-    out = np.stack([np.interp(v, xs, cols[:, k]) for k in range(3)], axis=-1)
-    return np.round(out).astype(np.uint8)
+        ctx.close()
+    if not res.is_main:
+        return EXIT_OK
+    stream = sys.stderr if args.output == "-" else sys.stdout
+    _print(summary_line(res), stream)
+    if res.stats.n:
+        _print(f"diversity: {res.stats.mean:.6f} +- {res.stats.stderr:.6f} (mean LPIPS over {res.stats.n} pairs +- standard error)", stream)
+    return EXIT_ERROR_ROWS if res.stats.errors else EXIT_OK
 
 
 def cmd_map(args) -> int:
     import numpy as np
 
-    from .data import decode_file
+    from .evaluate import start
+    from .features import FeatureSource
+    from .heatmap import heat_map
+    from .writers import check_new_file
 
     for p in (args.path0, args.path1):
         _need_file(p, "A/B")
-    run = _Run(args)
+    check_new_file(args.output, "-o", inputs=[args.path0, args.path1])
+    if args.npy:
+        check_new_file(args.npy, "--npy", inputs=[args.path0, args.path1])
+    opts = _options(args, "map")
+    ctx, device = _named(lambda: start(opts))
     try:
-        if not run.main:
+        if not ctx.is_main:
             return EXIT_OK
-        sess = run.session
-        d0 = decode_file(args.path0, resize=sess.resize, max_pixels=sess.max_pixels)
-        d1 = decode_file(args.path1, resize=sess.resize, max_pixels=sess.max_pixels)
-        err = sess._check(d0, "A") or sess._check(d1, "B")
-        if err is None and d0.hw != d1.hw:
-            err = f"size mismatch: {d0.hw[0]}x{d0.hw[1]} vs {d1.hw[0]}x{d1.hw[1]} (use --resize HxW)"
-        if err is not None:
-            print(f"lpips-fast map: error: {err}", file=sys.stderr)
-            return EXIT_ERROR_ROWS
-        H, W = d0.hw
-        heat, total = sess.spatial_map(d0, d1)
-        hm = heat.numpy()
-        vmax = args.vmax if args.vmax is not None else float(hm.max())
-        colored = heat_colors(hm / vmax if vmax > 0 else np.zeros_like(hm))
-        gap = np.full((H, 4, 3), 255, dtype=np.uint8)
-        from PIL import Image
-
-        Image.fromarray(np.concatenate([d0.array, gap, d1.array, gap, colored], axis=1)).save(args.output)
-        if args.npy:
-            np.save(args.npy, hm.astype(np.float32))
-        print(repr(float(total)))
-        if not args.quiet:
-            print(f"map: {args.output} (A | B | LPIPS map, white = {vmax:.6g}, map mean {float(hm.mean()):.6g})", file=sys.stderr)
-        return EXIT_OK
+        hm = heat_map(_named(lambda: FeatureSource.from_options(opts, device)), args.path0, args.path1, vmax=args.vmax)
     finally:
-        run.close()
+        ctx.close()
+    if hm.error is not None:
+        _print(f"lpips-fast map: error: {hm.error}", sys.stderr)
+        return EXIT_ERROR_ROWS
+    from PIL import Image
+
+    Image.fromarray(hm.picture).save(args.output)
+    if args.npy:
+        np.save(args.npy, hm.values)
+    _print(repr(hm.lpips))
+    if not args.quiet:
+        _print(f"map: {args.output} (A | B | LPIPS map, white = {hm.vmax:.6g}, map mean {float(hm.values.mean()):.6g})", sys.stderr)
+    return EXIT_OK
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -668,17 +431,19 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a parse error (2)
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    from .errors import OptionError
+
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
-        print(f"lpips-fast {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, OptionError) as e:
+        _print(f"lpips-fast {args.command}: error: {' '.join(str(e).split())}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("lpips-fast: interrupted (rows written so far are kept; rerun with --resume)", file=sys.stderr)
+        _print("lpips-fast: interrupted (rows written so far are kept; rerun with --resume)", sys.stderr)
         return 130
     except Exception as e:
         if _is_weights_missing(e):
-            print(f"lpips-fast {args.command}: error: {e}", file=sys.stderr)
+            _print(f"lpips-fast {args.command}: error: {e}", sys.stderr)
             return EXIT_USAGE
         raise
 

@@ -21,6 +21,7 @@ Layout of a cache directory::
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sqlite3
 import time
@@ -51,14 +52,21 @@ DEFAULT_MAX_BYTES = 10 * 1024**3
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """``"10G"``, ``"500M"``, ``"123456"`` -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(float(t))
+    """``"10G"``, ``"500M"``, ``"123456"`` -> bytes; ValueError unless a positive finite size."""
+    if text is None:
+        return None
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        t = text.strip().upper().removesuffix("B").removesuffix("I")
+        mult = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+        scale = 1
+        if t and t[-1] in mult:
+            t, scale = t[:-1], mult[t[-1]]
+        value = float(t) * scale
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"size: got {text!r}, expected a positive finite size such as 10G or 500M")
+    return int(value)
 
 
 def model_fingerprint(model) -> str:

@@ -24,7 +24,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["all_pairs", "FeatureRows", "gram_distances", "pair_distances", "flatten_unit_features"]
+__all__ = [
+    "all_pairs", "FeatureRows", "gram_distances", "pair_distances", "flatten_unit_features", "column_scale",
+    "weights_nonneg", "sample_pairs",
+]
 
 
 def flatten_unit_features(feats: Sequence[torch.Tensor], eps: float = 1e-10) -> torch.Tensor:
@@ -153,8 +156,29 @@ def pair_distances(V: torch.Tensor, scale: torch.Tensor, i: torch.Tensor, j: tor
     return out
 
 
-def _weights_nonneg(weights) -> bool:
+def weights_nonneg(weights) -> bool:
+    """True when every channel weight is >= 0 (then distances are clamped at 0)."""
     return all(w is None or bool((w >= 0).all()) for w in weights)
+
+
+def sample_pairs(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """k distinct unordered pairs (i < j) of range(n), sorted, reproducible from ``seed``."""
+    total = n * (n - 1) // 2
+    rng = np.random.default_rng(seed)
+    if 2 * k >= total:
+        flat = np.sort(rng.choice(total, size=k, replace=False))
+    else:
+        chosen: set[int] = set()
+        while len(chosen) < k:
+            for v in rng.integers(0, total, size=2 * (k - len(chosen))).tolist():
+                chosen.add(v)
+                if len(chosen) == k:
+                    break
+        flat = np.array(sorted(chosen), dtype=np.int64)
+    # flat index -> (i, j) in row-major upper-triangle order
+    i = (n - 2 - np.floor(np.sqrt(-8 * flat + 4 * n * (n - 1) - 7) / 2.0 - 0.5)).astype(np.int64)
+    j = (flat + i + 1 - n * (n - 1) // 2 + (n - i) * ((n - i) - 1) // 2).astype(np.int64)
+    return i, j
 
 
 def _as_batches(images, normalize: bool, batch_size: int):
@@ -197,62 +221,73 @@ def all_pairs(
     directory (every image under it, sorted; see ``data.list_images``). All images must have the
     same size (``resize='HxW'`` resizes files). Files that cannot be decoded raise ValueError
     (use the CLI's ``allpairs`` for error rows). ``model`` (a ready ``lpips_fast.LPIPS``)
-    overrides ``net``/``version``/``lpips``. ``cache``: a feature-cache directory (files only).
-    Each image goes through the trunk once; the pairs cost one blockwise GEMM (``block_size``
-    rows at a time). Values match pairwise LPIPS within 1e-5.
+    overrides ``net``/``version``/``lpips``; models built from them are kept for later calls.
+    ``cache``: a feature-cache directory (files only). Each image goes through the trunk once;
+    the pairs cost one blockwise GEMM (``block_size`` rows at a time). Values match pairwise
+    LPIPS within 1e-5.
     """
-    from .evaluate import Session, _auto_device, build_model
+    from .features import FeatureSource
+    from .options import EvalOptions, resolve_device
 
-    if model is None:
-        from .model import LPIPS
-
-        model = LPIPS(pretrained=True, net=net, version=version, lpips=lpips)
-    dev = _auto_device(device, model)
+    opts = EvalOptions(net=net, version=version, lpips=lpips, model=model, device=device, dtype=dtype, batch_size=batch_size,
+                       workers=workers, resize=resize, cache=cache).validate()
+    src = FeatureSource.from_options(opts, resolve_device(device, model))
     if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
         from .data import list_images
 
         root = os.fspath(images)
         images = [os.path.join(root, p) for p in list_images(root)]
-    sess = Session(build_model(model=model), device=dev, dtype=dtype, batch_size=batch_size, workers=workers, resize=resize, cache=cache)
-    weights = sess.model.lin_weights()
+    weights = src.model.lin_weights()
     if isinstance(images, torch.Tensor):
-        n = images.shape[0]
-        rows = FeatureRows(n, weights)
-        with torch.inference_mode():
-            for lo, x in _as_batches(images, normalize, batch_size):
-                x = x.to(sess.device, sess.dtype)
-                if min(x.shape[-2:]) < sess.min_size:
-                    raise ValueError(
-                        f"images: {x.shape[-2]}x{x.shape[-1]} is smaller than the {sess.net} trunk's minimum of {sess.min_size} pixels"
-                    )
-                rows.add(range(lo, lo + x.shape[0]), sess.model.features(x))
+        rows = _rows_from_tensor(src, images, normalize, batch_size, weights)
     else:
         items = list(images)
-        n = len(items)
-        rows = FeatureRows(n, weights)
-        if n and isinstance(items[0], np.ndarray):
-            from .data import Decoded
-
-            decs = [Decoded(array=np.ascontiguousarray(a, dtype=np.uint8)) for a in items]
-            sizes = {d.hw for d in decs}
-            if len(sizes) > 1:
-                raise ValueError(f"images: all images must have the same size, got {sorted(sizes)}")
-            with torch.inference_mode():
-                for lo in range(0, n, batch_size):
-                    rows.add(range(lo, min(n, lo + batch_size)), sess.features(decs[lo : lo + batch_size]))
+        if items and isinstance(items[0], np.ndarray):
+            rows = _rows_from_arrays(src, items, batch_size, weights)
         else:
-            files = [os.fspath(p) for p in items]
-            size = None
-            for idx, d, f in sess.iter_image_features(files, range(n)):
-                if isinstance(f, str):
-                    raise ValueError(f"{files[idx]}: {f}")
-                if size is None:
-                    size = d.hw
-                elif d.hw != size:
-                    raise ValueError(f"{files[idx]}: size {d.hw[0]}x{d.hw[1]} differs from {size[0]}x{size[1]} (use resize='HxW')")
-                rows.add([idx], f)
-    if n == 0:
+            rows = _rows_from_files(src, [os.fspath(p) for p in items], weights)
+    if rows.n == 0:
         return torch.zeros(0, 0)
-    res = gram_distances(rows.V, rows.scale, device=sess.device, block_size=block_size, out=out, clamp=_weights_nonneg(weights))
-    return res
+    return gram_distances(rows.V, rows.scale, device=src.device, block_size=block_size, out=out, clamp=weights_nonneg(weights))
 
+
+def _rows_from_tensor(src, images: torch.Tensor, normalize: bool, batch_size: int, weights) -> FeatureRows:
+    rows = FeatureRows(images.shape[0] if images.dim() == 4 else 0, weights)
+    with torch.inference_mode():
+        for lo, x in _as_batches(images, normalize, batch_size):
+            x = x.to(src.device, src.dtype)
+            if min(x.shape[-2:]) < src.min_size:
+                raise ValueError(
+                    f"images: {x.shape[-2]}x{x.shape[-1]} is smaller than the {src.net} trunk's minimum of {src.min_size} pixels"
+                )
+            rows.add(range(lo, lo + x.shape[0]), src.model.features(x))
+    return rows
+
+
+def _rows_from_arrays(src, items: list, batch_size: int, weights) -> FeatureRows:
+    from .data import Decoded
+
+    n = len(items)
+    rows = FeatureRows(n, weights)
+    decs = [Decoded(array=np.ascontiguousarray(a, dtype=np.uint8)) for a in items]
+    sizes = {d.hw for d in decs}
+    if len(sizes) > 1:
+        raise ValueError(f"images: all images must have the same size, got {sorted(sizes)}")
+    with torch.inference_mode():
+        for lo in range(0, n, batch_size):
+            rows.add(range(lo, min(n, lo + batch_size)), src.features(decs[lo : lo + batch_size]))
+    return rows
+
+
+def _rows_from_files(src, files: list[str], weights) -> FeatureRows:
+    rows = FeatureRows(len(files), weights)
+    size = None
+    for idx, d, f in src.image_features(files, range(len(files))):
+        if isinstance(f, str):
+            raise ValueError(f"{files[idx]}: {f}")
+        if size is None:
+            size = d.hw
+        elif d.hw != size:
+            raise ValueError(f"{files[idx]}: size {d.hw[0]}x{d.hw[1]} differs from {size[0]}x{size[1]} (use resize='HxW')")
+        rows.add([idx], f)
+    return rows

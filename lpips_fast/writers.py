@@ -3,8 +3,15 @@
 Every row is ``path0, path1, lpips, error``: ``lpips`` is the distance written with full float
 precision (``repr``), empty/null on an error row; ``error`` is a one-line reason, empty/null on a
 scored row. Rows are flushed after every batch, so a process killed at any moment leaves whole
-rows plus at most one partial last line; ``read_existing`` drops that partial line (truncating
-the file) and returns the rows already there, which ``--resume`` skips.
+rows plus at most one partial last record; ``read_existing`` drops that partial record
+(truncating the file; CSV records are found by parsing quotes, so a quoted field holding a newline
+is never split) and returns the rows already there, which ``--resume`` skips.
+
+File names that are not valid UTF-8 (``os.fsdecode``'s surrogate escapes) are written to files
+byte for byte (``surrogateescape``) and read back the same; on a text stream such as stdout they
+are written with backslash escapes. ``RunOutput`` checks an output before any work (writable, a
+regular file, not one of the inputs, on ``--resume`` the same format and the same settings,
+recorded in the sidecar ``OUT.lpips-run.json``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, TextIO
 
-__all__ = ["Row", "COLUMNS", "RowWriter", "read_existing", "looks_like", "format_from_path", "Stats", "ExistingRows"]
+__all__ = [
+    "Row", "COLUMNS", "RowWriter", "read_existing", "looks_like", "format_from_path", "Stats", "ExistingRows",
+    "RunOutput", "settings_path", "check_new_file",
+]
 
 COLUMNS = ("path0", "path1", "lpips", "error")
 
@@ -125,28 +135,53 @@ class ExistingRows:
     truncated_bytes: int = 0
 
 
-def _truncate_partial_tail(path: str) -> int:
-    """Cut a partial last line (no trailing newline) off ``path``; returns the bytes removed."""
+def _complete_csv_prefix(data: bytes) -> int:
+    """Length of the longest prefix of ``data`` made of whole CSV records (each ending with a
+    newline outside quotes). Between two quote characters (``""`` escapes count as two) the text
+    is inside a quoted field, so the segments of ``data.split(b'"')`` alternate outside/inside."""
+    parts = data.split(b'"')
+    offsets = []
+    pos = 0
+    for p in parts:
+        offsets.append(pos)
+        pos += len(p) + 1
+    last = len(parts) - 1
+    k = last if last % 2 == 0 else last - 1
+    while k >= 0:
+        j = parts[k].rfind(b"\n")
+        if j >= 0:
+            return offsets[k] + j + 1
+        k -= 2
+    return 0
+
+
+def _truncate_partial_tail(path: str, fmt: str = "jsonl") -> int:
+    """Cut a partial last record off ``path``; returns the bytes removed."""
     size = os.path.getsize(path)
     if size == 0:
         return 0
     with open(path, "rb+") as f:
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
+        if fmt == "csv":
+            keep = _complete_csv_prefix(f.read())
+        else:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # Scan back for the last newline (JSON strings escape their newlines).
+            pos = size
+            block = 1 << 16
+            keep = 0
+            while pos > 0:
+                lo = max(0, pos - block)
+                f.seek(lo)
+                chunk = f.read(pos - lo)
+                j = chunk.rfind(b"\n")
+                if j >= 0:
+                    keep = lo + j + 1
+                    break
+                pos = lo
+        if keep == size:
             return 0
-        # Scan back for the last newline.
-        pos = size
-        block = 1 << 16
-        keep = 0
-        while pos > 0:
-            lo = max(0, pos - block)
-            f.seek(lo)
-            chunk = f.read(pos - lo)
-            j = chunk.rfind(b"\n")
-            if j >= 0:
-                keep = lo + j + 1
-                break
-            pos = lo
         f.truncate(keep)
         return size - keep
 
@@ -176,7 +211,7 @@ def read_existing(path: str, fmt: str) -> ExistingRows:
     out = ExistingRows()
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return out
-    out.truncated_bytes = _truncate_partial_tail(path)
+    out.truncated_bytes = _truncate_partial_tail(path, fmt)
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         if fmt == "csv":
             reader = csv.reader(f)
@@ -233,10 +268,18 @@ class RowWriter:
             self._f = open(path, "a" if append else "w", newline="", encoding="utf-8", errors="surrogateescape")
             self._own = True
             need_header = not exists
-        self._csv = csv.writer(self._f, lineterminator="\n") if fmt == "csv" else None
         if fmt == "csv" and need_header:
-            self._csv.writerow(COLUMNS)
+            self._write(",".join(COLUMNS) + "\n")
             self.flush()
+
+    def _write(self, text: str) -> None:
+        if not self._own:  # a text stream: escape what its encoding cannot hold, never lose a row
+            enc = getattr(self._f, "encoding", None) or "utf-8"
+            try:
+                text.encode(enc)
+            except (UnicodeEncodeError, LookupError):
+                text = text.encode(enc, "backslashreplace").decode(enc, "replace")
+        self._f.write(text)
 
     def write(self, rows: Iterable[Row]) -> None:
         if self.fmt == "csv":
@@ -244,9 +287,9 @@ class RowWriter:
             w = csv.writer(buf, lineterminator="\n")
             for r in rows:
                 w.writerow([r.path0, r.path1, "" if r.lpips is None else repr(float(r.lpips)), _clean(r.error) or ""])
-            self._f.write(buf.getvalue())
+            self._write(buf.getvalue())
         else:
-            self._f.write(
+            self._write(
                 "".join(
                     json.dumps({"path0": r.path0, "path1": r.path1, "lpips": None if r.lpips is None else float(r.lpips), "error": _clean(r.error)})
                     + "\n"
@@ -266,7 +309,7 @@ class RowWriter:
                 f'{{"path0": {p0}, "path1": {json.dumps(p1)}, "lpips": {float(v)!r}, "error": null}}\n'
                 for p1, v in zip(paths1, values)
             )
-        self._f.write(text)
+        self._write(text)
         self.flush()
 
     def flush(self) -> None:
@@ -286,3 +329,144 @@ class RowWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+SETTINGS_SUFFIX = ".lpips-run.json"
+
+
+def settings_path(path: str) -> str:
+    """The sidecar recording the settings a run's output was written with."""
+    return path + SETTINGS_SUFFIX
+
+
+def check_new_file(path: str, option: str, inputs=()) -> None:
+    """A file about to be written (``-o``, ``--matrix``...): its folder exists and is writable,
+    it is not a folder or a device/FIFO, and not one of ``inputs``. Raises ``OptionError``."""
+    from .errors import OptionError
+    from .paths import writable_dir
+
+    if os.path.isdir(path):
+        raise OptionError(f"{option} {path}: is a directory (expected a file path)")
+    if os.path.exists(path):
+        import stat
+
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OptionError(f"{option} {path}: is not a regular file (expected a file path, or - for stdout)")
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise OptionError(f"{option} {path}: cannot be written ({e.strerror}; expected a writable file)") from None
+        from .data import IMAGE_EXTENSIONS
+
+        named = os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+        for f in inputs:
+            if f and (named or os.path.basename(f) == os.path.basename(path)) and _same_file(f, path):
+                raise OptionError(f"{option} {path}: is one of the input images (expected a new output file)")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OptionError(f"{option} {path}: the folder {parent} does not exist (expected an existing folder)")
+    if not writable_dir(parent):
+        raise OptionError(f"{option} {path}: the folder {parent} is not writable (expected a writable folder)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class RunOutput:
+    """Where a run writes its rows: a file (``path``) or stdout (``None``/``'-'``).
+
+    ``check(inputs)`` runs before any work (on every torchrun rank): the file is writable, not a
+    folder or a device, not one of ``inputs``; with ``resume`` it must be one of ours in ``fmt``
+    and, when its settings sidecar exists, have been written with the same ``settings``
+    (``force`` skips that comparison). ``open()`` (rank 0 only) returns the writer and the rows
+    already there; with ``retry_errors`` the previous error rows are removed from the file first,
+    so their pairs are scored again.
+    """
+
+    def __init__(self, path: str | None, fmt: str | None = None, *, resume: bool = False, settings: dict | None = None,
+                 force: bool = False, retry_errors: bool = False, option: str = "-o", stdout_rows: bool = True):
+        self.path = None if path == "-" else path
+        self.to_stdout = path == "-"
+        self.fmt = format_from_path(path, fmt)
+        self.resume = resume
+        self.settings = settings
+        self.force = force
+        self.retry_errors = retry_errors
+        self.option = option
+        self.stdout_rows = stdout_rows  # without -o: rows on stdout (False: no rows at all)
+
+    def check(self, inputs=()) -> None:
+        from .errors import OptionError
+
+        p = self.path
+        if self.resume and p is None:
+            raise OptionError("--resume needs -o OUT (the file to complete)")
+        if self.retry_errors and not self.resume:
+            raise OptionError("--retry-errors needs --resume (it re-scores the error rows of an existing output)")
+        if p is None:
+            return
+        check_new_file(p, self.option, inputs)
+        if self.resume and os.path.exists(p):
+            problem = looks_like(p, self.fmt)
+            if problem:
+                raise OptionError(f"--resume {self.option} {p}: {problem}")
+            self._check_settings()
+
+    def _check_settings(self) -> None:
+        from .errors import OptionError
+
+        sp = settings_path(self.path)
+        if self.settings is None or self.force or not os.path.exists(sp):
+            return
+        try:
+            with open(sp, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            raise OptionError(f"--resume {self.option} {self.path}: its settings file {sp} is unreadable (use --force to resume anyway)") from None
+        diff = [k for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)]
+        if diff:
+            what = "; ".join(f"{_flag(k)} was {_show(old.get(k))}, now {_show(self.settings.get(k))}" for k in diff)
+            raise OptionError(
+                f"--resume {self.option} {self.path}: written with other settings ({what}); "
+                "rerun with the same settings, or add --force to mix them"
+            )
+
+    def open(self) -> tuple["RowWriter | None", ExistingRows]:
+        existing = ExistingRows()
+        if self.path is not None and self.resume and os.path.exists(self.path):
+            existing = read_existing(self.path, self.fmt)
+            if self.retry_errors and any(r.error is not None for r in existing.rows):
+                existing = self._drop_error_rows(existing)
+        if self.path is not None and self.settings is not None:
+            sp = settings_path(self.path)
+            with open(sp + ".tmp", "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+            os.replace(sp + ".tmp", sp)
+        if self.path is None and not self.to_stdout and not self.stdout_rows:
+            return None, existing
+        writer = RowWriter(self.path, self.fmt, append=self.resume)
+        return writer, existing
+
+    def _drop_error_rows(self, existing: ExistingRows) -> ExistingRows:
+        keep = [r for r in existing.rows if r.error is None]
+        tmp = self.path + ".retry.tmp"
+        w = RowWriter(tmp, self.fmt)
+        w.write(keep)
+        w.close()
+        os.replace(tmp, self.path)
+        return ExistingRows(keys={r.key for r in keep}, rows=keep, truncated_bytes=existing.truncated_bytes)
+
+
+def _flag(key: str) -> str:
+    return {"command": "the command", "state_dict": "--state-dict", "random_trunk": "--random-trunk", "seed": "--model-seed",
+            "pair_seed": "--seed", "lpips": "lpips"}.get(key, "--" + key.replace("_", "-"))
+
+
+def _show(v) -> str:
+    return "unset" if v is None else str(v)

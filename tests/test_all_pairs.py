@@ -13,6 +13,7 @@ import torch
 
 import lpips_fast
 from lpips_fast import cli
+from lpips_fast.pairwise import sample_pairs
 from test_data_helpers import distort, make_flat_dir, photos, reference_model, save_state_dict
 
 
@@ -144,7 +145,7 @@ def test_cli_allpairs_matrix_rows_and_sampled_pairs(folder, tmp_path, capsys):
 
 def test_sample_pairs_are_distinct_and_in_range():
     for n, k in ((5, 10), (50, 7), (200, 5000)):
-        i, j = cli._sample_pairs(n, k, seed=1)
+        i, j = sample_pairs(n, k, seed=1)
         assert len(i) == k and (i < j).all() and (j < n).all() and (i >= 0).all()
         assert len(set(zip(i.tolist(), j.tolist()))) == k
 

@@ -196,7 +196,7 @@ def test_evaluate_api_matches_cli(world):
 
 
 def test_out_of_memory_halves_the_batch(world, tmp_path, capsys, monkeypatch):
-    from lpips_fast.evaluate import Session
+    from lpips_fast.features import FeatureSource as Session
 
     real = Session._trunk
     calls = []
@@ -284,19 +284,25 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         def isatty(self):
             return True
 
+    from lpips_fast.evaluate import progress_bar
+
     fake = types.SimpleNamespace(main=True, args=types.SimpleNamespace(quiet=False))
+
+    def progress(run, total):
+        return progress_bar(total, "pair", cli.show_progress(run.args.quiet, run.main))
+
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert cli._Run.progress(fake, 10) is None  # not a terminal
+    assert progress(fake, 10) is None  # not a terminal
     monkeypatch.setattr(sys, "stderr", Tty())
-    bar = cli._Run.progress(fake, 10)
+    bar = progress(fake, 10)
     assert bar is not None
     bar.update(10)
     bar.close()
     assert "10/10" in sys.stderr.getvalue()
     fake.args.quiet = True
-    assert cli._Run.progress(fake, 10) is None  # --quiet
+    assert progress(fake, 10) is None  # --quiet
     fake.args.quiet, fake.main = False, False
-    assert cli._Run.progress(fake, 10) is None  # not rank 0
+    assert progress(fake, 10) is None  # not rank 0
 
 
 def test_random_trunk_is_seeded(world, capsys):

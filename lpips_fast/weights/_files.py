@@ -1,7 +1,7 @@
 """Low-level helpers: hashing, the packaged manifest, deterministic safetensors files, errors.
 
-Weight files are only ever read here as safetensors (``safetensors.torch.load``) or, for legacy
-torch checkpoints, with ``torch.load(weights_only=True)``.
+Weight files are only ever read here (:func:`read_checkpoint`), as safetensors
+(``safetensors.torch.load``) or, for torch checkpoints, with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = [
     "tensors_to_bytes",
     "write_bytes_atomic",
     "load_safetensors_verified",
-    "load_torch_weights_only",
+    "read_checkpoint",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -144,9 +144,22 @@ def load_safetensors_verified(path: str | os.PathLike, expected_sha256: str | No
     return _st_load(data)
 
 
-def load_torch_weights_only(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A torch checkpoint read with ``torch.load(weights_only=True)`` (never a full pickle)."""
-    obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch checkpoint read with
+    ``torch.load(weights_only=True)`` (never a full pickle): the one weight-file reader.
+
+    FileNotFoundError when ``path`` is not a file; ValueError when the file holds no mapping of
+    names to tensors (a malicious pickle raises ``pickle.UnpicklingError``).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(p)!r} does not exist or is not a file")
+    if p.suffix == ".safetensors":
+        try:
+            return _st_load(p.read_bytes())
+        except Exception as e:  # safetensors' own error type is not an Exception subclass we can name
+            raise ValueError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    obj = torch.load(os.fspath(p), map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{p}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     return dict(obj)

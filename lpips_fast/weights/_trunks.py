@@ -32,12 +32,13 @@ import torch
 from safetensors.torch import load as _st_load
 
 from ..nets import canonical_net_name
+from ..paths import cache_root
 from ._files import (
     WeightsIntegrityError,
     WeightsNotFoundError,
     content_sha256,
     load_safetensors_verified,
-    load_torch_weights_only,
+    read_checkpoint,
     manifest,
     sha256_bytes,
     sha256_file,
@@ -59,6 +60,10 @@ __all__ = [
     "download_torchvision",
     "trunk_state_dict",
     "fetch_command",
+    "hub_file_ok",
+    "offline",
+    "pinned_trunk",
+    "DOWNLOAD_ERRORS",
 ]
 
 # torchvision's published checkpoints (file names carry the sha256 prefix).
@@ -80,9 +85,9 @@ DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, WeightsIntegrityError, pi
 
 
 def cache_dir() -> Path:
-    """``$LPIPS_FAST_HOME``, default ``~/.cache/lpips_fast``."""
-    home = os.environ.get("LPIPS_FAST_HOME")
-    return Path(home).expanduser() if home else Path("~/.cache/lpips_fast").expanduser()
+    """The cache root (``lpips_fast.paths.cache_root()``: ``$LPIPS_FAST_HOME``, default
+    ``~/.cache/lpips_fast``); trunks live in its ``trunks`` folder."""
+    return cache_root()
 
 
 def torch_home() -> Path:
@@ -189,7 +194,7 @@ def torchvision_features(state_dict: Mapping[str, torch.Tensor], what: str) -> d
     return out
 
 
-def _hub_file_ok(path: Path) -> tuple[bool, str]:
+def hub_file_ok(path: Path) -> tuple[bool, str]:
     prefix = hash_prefix(path.name)
     got = sha256_file(path)
     if got.startswith(prefix):
@@ -226,7 +231,7 @@ def download_torchvision(net: str, *, timeout: float | None = None,
             raise WeightsIntegrityError(
                 f"{url}: sha256 {got} does not start with {hash_prefix(filename)}; refusing it"
             )
-        sd = torchvision_features(load_torch_weights_only(tmp), url)
+        sd = torchvision_features(read_checkpoint(tmp), url)
     finally:
         try:
             os.unlink(tmp)
@@ -235,19 +240,8 @@ def download_torchvision(net: str, *, timeout: float | None = None,
     return store_trunk(net, sd, source=url, source_sha256=got)
 
 
-def _offline() -> bool:
+def offline() -> bool:
     return os.environ.get("LPIPS_FAST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _read_explicit(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"path: trunk weights file {str(p)!r} does not exist")
-    if p.suffix == ".safetensors":
-        sd = load_safetensors_verified(p, None)
-    else:
-        sd = load_torch_weights_only(p)
-    return torchvision_features(sd, str(p))
 
 
 def trunk_state_dict(net: str, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
@@ -256,7 +250,7 @@ def trunk_state_dict(net: str, path: str | os.PathLike | None = None) -> dict[st
     module docstring for the order)."""
     net = canonical_net_name(net)
     if path is not None:
-        return _read_explicit(path)
+        return torchvision_features(read_checkpoint(path), str(path))
 
     tried: list[str] = []
     cpath = cached_trunk_path(net)
@@ -273,9 +267,9 @@ def trunk_state_dict(net: str, path: str | os.PathLike | None = None) -> dict[st
 
     hub = hub_file_path(net)
     if hub.is_file():
-        ok, got = _hub_file_ok(hub)
+        ok, got = hub_file_ok(hub)
         if ok:
-            return torchvision_features(load_torch_weights_only(hub), str(hub))
+            return torchvision_features(read_checkpoint(hub), str(hub))
         warnings.warn(
             f"ignoring torchvision hub file {hub}: its sha256 {got} does not start with "
             f"{hash_prefix(hub.name)}", RuntimeWarning, stacklevel=2,
@@ -284,7 +278,7 @@ def trunk_state_dict(net: str, path: str | os.PathLike | None = None) -> dict[st
     else:
         tried.append(f"torchvision hub file {hub}: missing")
 
-    if _offline():
+    if offline():
         tried.append("download: skipped (LPIPS_FAST_OFFLINE is set)")
     else:
         try:
