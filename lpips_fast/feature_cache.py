@@ -16,6 +16,14 @@ Layout of a cache directory::
 - The size is bounded (``max_bytes``): after each write the least-recently-used shards are
   evicted (rows deleted in one transaction, then the files unlinked) until the total fits.
   A read refreshes its shards' ``last_used``.
+
+Integrity: every entry's index row holds a BLAKE2b hash of its tensors (names, dtypes, shapes and
+bytes), checked on every read. An entry whose bytes no longer match (bit rot, a modified or
+truncated shard), or a shard that cannot be parsed, is a miss: it is dropped from the index and
+recomputed, with one warning per cache object. An index that SQLite cannot read (garbage,
+truncated) is moved aside to ``index.sqlite.corrupt-<time>`` and rebuilt empty, with a warning.
+Shard files the index does not know (orphans: left by a crash between the rename and the
+commit, or by a rebuilt index) are deleted once they are older than ``ORPHAN_AGE_S``.
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ import os
 import sqlite3
 import time
 import uuid
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["FeatureCache", "CacheProbe", "feature_key", "model_fingerprint", "parse_size"]
+__all__ = ["FeatureCache", "CacheProbe", "feature_key", "model_fingerprint", "parse_size", "entry_digest", "ORPHAN_AGE_S"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
@@ -43,12 +52,33 @@ CREATE INDEX IF NOT EXISTS shards_lru ON shards(last_used);
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
     shard TEXT NOT NULL,
-    nlayers INTEGER NOT NULL
+    nlayers INTEGER NOT NULL,
+    digest TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_shard ON entries(shard);
 """
 
 DEFAULT_MAX_BYTES = 10 * 1024**3
+#: Shard files unknown to the index are deleted once older than this (seconds).
+ORPHAN_AGE_S = 600.0
+
+
+def entry_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """BLAKE2b of a feature list: each tensor's dtype, shape and bytes, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _corrupt_index(e: BaseException) -> bool:
+    """SQLite errors that mean the index file itself is damaged (not "database is locked")."""
+    msg = str(e).lower()
+    return isinstance(e, sqlite3.DatabaseError) and any(
+        w in msg for w in ("not a database", "malformed", "disk image", "file is encrypted", "database corrupt")
+    )
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -98,9 +128,79 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.evicted_shards = 0
+        self.dropped_entries = 0
+        self._warned = False
         self._conn: sqlite3.Connection | None = None
         self._pid = None
-        self._connect().executescript(_SCHEMA)
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as e:
+            if not _corrupt_index(e):
+                raise
+            self._rebuild_index(e)
+        self.evict_orphans()
+
+    def _init_schema(self) -> None:
+        conn = self._connect()
+        conn.executescript(_SCHEMA)
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+        if "digest" not in cols:  # an index written before entries carried a hash: those entries are misses
+            try:
+                conn.execute("ALTER TABLE entries ADD COLUMN digest TEXT")
+            except sqlite3.OperationalError:
+                pass  # another process added it first
+        conn.execute("SELECT COUNT(*) FROM shards").fetchone()
+
+    def _warn(self, msg: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"lpips_fast feature cache {self.root}: {msg}", RuntimeWarning, stacklevel=3)
+
+    def _rebuild_index(self, err: BaseException) -> None:
+        """Move a damaged index aside and start an empty one (its shards become orphans)."""
+        self.close()
+        index = os.path.join(self.root, "index.sqlite")
+        aside = f"{index}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(index + suffix):
+                os.replace(index + suffix, aside + suffix)
+        self._warn(f"the index could not be read ({' '.join(str(err).split())}); moved it to {aside} and started an empty one")
+        self._init_schema()
+        self.evict_orphans(min_age_s=0.0)
+
+    def _guard(self, fn):
+        """Run ``fn()``; a damaged index is rebuilt once and ``fn`` retried."""
+        try:
+            return fn()
+        except sqlite3.DatabaseError as e:
+            if not _corrupt_index(e):
+                raise
+            self._rebuild_index(e)
+            return fn()
+
+    def evict_orphans(self, min_age_s: float | None = None) -> int:
+        """Delete shard files (and stale temporary files) the index does not list; returns how many."""
+        age = ORPHAN_AGE_S if min_age_s is None else float(min_age_s)
+        try:
+            names = os.listdir(self.shard_dir)
+        except OSError:
+            return 0
+        if not names:
+            return 0
+        known = {r[0] for r in self._connect().execute("SELECT name FROM shards")}
+        now = time.time()
+        gone = 0
+        for name in names:
+            if name in known:
+                continue
+            path = os.path.join(self.shard_dir, name)
+            try:
+                if now - os.stat(path).st_mtime >= age:
+                    os.unlink(path)
+                    gone += 1
+            except OSError:
+                pass
+        return gone
 
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -136,40 +236,66 @@ class FeatureCache:
 
     # -- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return self._guard(lambda: self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
     def total_bytes(self) -> int:
-        return int(self._connect().execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0])
+        return int(self._guard(lambda: self._connect().execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0]))
 
     def get_many(self, keys: Iterable[str]) -> dict[str, list[torch.Tensor]]:
-        """The cached feature lists among ``keys`` (CPU tensors); the rest are misses."""
-        from safetensors import safe_open
-
+        """The cached feature lists among ``keys`` (CPU tensors, hash-checked); the rest are misses."""
         keys = list(dict.fromkeys(keys))
         if not keys:
             return {}
+        found = self._guard(lambda: self._read(keys))
+        self.hits += len(found)
+        self.misses += len(keys) - len(found)
+        return found
+
+    def _read(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
+        from safetensors import safe_open
+
         conn = self._connect()
-        where: dict[str, tuple[str, int]] = {}
+        by_shard: dict[str, list[tuple[str, int, str | None]]] = {}
         for lo in range(0, len(keys), 500):
             part = keys[lo : lo + 500]
-            q = f"SELECT key, shard, nlayers FROM entries WHERE key IN ({','.join('?' * len(part))})"
-            for k, shard, nl in conn.execute(q, part):
-                where[k] = (shard, nl)
+            q = f"SELECT key, shard, nlayers, digest FROM entries WHERE key IN ({','.join('?' * len(part))})"
+            for k, shard, nl, dg in conn.execute(q, part):
+                by_shard.setdefault(shard, []).append((k, nl, dg))
         found: dict[str, list[torch.Tensor]] = {}
-        by_shard: dict[str, list[tuple[str, int]]] = {}
-        for k, (shard, nl) in where.items():
-            by_shard.setdefault(shard, []).append((k, nl))
+        bad: list[str] = []
+        bad_shards: list[str] = []
+        gone: list[str] = []
         used = []
         for shard, items in by_shard.items():
             path = os.path.join(self.shard_dir, shard)
             try:
                 with safe_open(path, framework="pt", device="cpu") as f:
-                    for k, nl in items:
-                        found[k] = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
+                    for k, nl, dg in items:
+                        try:
+                            feats = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
+                        except Exception:
+                            feats = None
+                        if feats is None or dg is None or entry_digest(feats) != dg:
+                            bad.append(k)
+                        else:
+                            found[k] = feats
                 used.append(shard)
-            except Exception:  # evicted meanwhile (FileNotFoundError) or damaged: a miss
-                for k, _ in items:
-                    found.pop(k, None)
+            except FileNotFoundError:  # evicted meanwhile, or deleted by hand: a miss; forget stale rows
+                gone.append(shard)
+                continue
+            except Exception:  # the shard cannot be parsed: every entry in it is a miss
+                bad_shards.append(shard)
+        if bad or bad_shards:
+            self._drop(bad, bad_shards)
+        if gone:
+            try:
+                with self._tx() as c:
+                    for name in gone:
+                        if not os.path.exists(os.path.join(self.shard_dir, name)):
+                            c.execute("DELETE FROM entries WHERE shard=?", (name,))
+                            c.execute("DELETE FROM shards WHERE name=?", (name,))
+            except sqlite3.OperationalError:
+                pass
         if used:
             now = time.time()
             try:
@@ -177,9 +303,27 @@ class FeatureCache:
                     c.executemany("UPDATE shards SET last_used=? WHERE name=?", [(now, s) for s in used])
             except sqlite3.OperationalError:
                 pass  # LRU bookkeeping only
-        self.hits += len(found)
-        self.misses += len(keys) - len(found)
         return found
+
+    def _drop(self, keys: list[str], shards: list[str]) -> None:
+        """Forget damaged entries (recomputed by the caller) and unreadable shards."""
+        n = len(keys)
+        with self._tx() as c:
+            c.executemany("DELETE FROM entries WHERE key=?", [(k,) for k in keys])
+            for name in shards:
+                n += c.execute("SELECT COUNT(*) FROM entries WHERE shard=?", (name,)).fetchone()[0]
+                c.execute("DELETE FROM entries WHERE shard=?", (name,))
+                c.execute("DELETE FROM shards WHERE name=?", (name,))
+        for name in shards:
+            try:
+                os.unlink(os.path.join(self.shard_dir, name))
+            except FileNotFoundError:
+                pass
+        self.dropped_entries += n
+        self._warn(
+            f"{n} cached feature entr{'y' if n == 1 else 'ies'} failed the integrity check "
+            f"(damaged or modified shard{'s' if len(shards) != 1 else ''}); dropped and recomputed"
+        )
 
     def put_many(self, items: Mapping[str, Sequence[torch.Tensor]]) -> None:
         """Store feature lists (one shard), then evict least-recently-used shards over the bound."""
@@ -200,13 +344,15 @@ class FeatureCache:
         save_file(tensors, tmp)
         os.replace(tmp, path)
         nbytes = os.path.getsize(path)
-        now = time.time()
-        with self._tx() as c:
-            c.execute("INSERT INTO shards(name, nbytes, created, last_used) VALUES (?,?,?,?)", (name, nbytes, now, now))
-            c.executemany(
-                "INSERT OR IGNORE INTO entries(key, shard, nlayers) VALUES (?,?,?)",
-                [(k, name, len(v)) for k, v in items.items()],
-            )
+        rows = [(k, name, len(v), entry_digest([tensors[f"{k}.{i}"] for i in range(len(v))])) for k, v in items.items()]
+
+        def commit():
+            now = time.time()
+            with self._tx() as c:
+                c.execute("INSERT INTO shards(name, nbytes, created, last_used) VALUES (?,?,?,?)", (name, nbytes, now, now))
+                c.executemany("INSERT OR IGNORE INTO entries(key, shard, nlayers, digest) VALUES (?,?,?,?)", rows)
+
+        self._guard(commit)
         self.evict(keep=name)
 
     def evict(self, keep: str | None = None) -> int:

@@ -183,3 +183,105 @@ def test_hit_evicted_after_the_probe_is_decoded_again(world, tmp_path):
         h.remove()
     assert sum(seen) == 12
     assert [(r.path0, r.lpips, r.error) for r in first] == [(r.path0, r.lpips, r.error) for r in again]
+
+
+# -- integrity: damaged shards, damaged index, orphans -------------------------------------------
+def _flip_data_bytes(path):
+    """Flip bytes inside a safetensors file's tensor data (the header stays valid, same size)."""
+    import struct
+
+    raw = bytearray(open(path, "rb").read())
+    start = 8 + struct.unpack("<Q", bytes(raw[:8]))[0]
+    for pos in range(start + 3, len(raw), max(1, (len(raw) - start) // 7)):
+        raw[pos] ^= 0x5A
+    with open(path, "wb") as f:
+        f.write(bytes(raw))
+
+
+def test_flipped_shard_bytes_are_a_miss_and_recomputed(world, tmp_path):
+    model = world["ours"]
+    cache = str(tmp_path / "fc")
+    first = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, cache=cache, batch_size=4)
+    c = FeatureCache(cache)
+    for name in os.listdir(c.shard_dir):
+        _flip_data_bytes(os.path.join(c.shard_dir, name))
+    seen, h = _count_trunk(model)
+    try:
+        with pytest.warns(RuntimeWarning, match="integrity check"):
+            again = lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, cache=cache, batch_size=4)
+    finally:
+        h.remove()
+    assert sum(seen) == 12  # every entry was damaged: all recomputed
+    for a, b in zip(first, again):
+        assert (a.path0, a.error) == (b.path0, b.error)
+        if a.lpips is not None:
+            assert abs(a.lpips - b.lpips) <= 1e-6
+    seen, h = _count_trunk(model)
+    try:
+        lpips_fast.evaluate_dirs(world["d0"], world["d1"], model=model, cache=cache, batch_size=4)
+    finally:
+        h.remove()
+    assert sum(seen) == 0  # the recomputed entries are good hits again
+
+
+def test_one_damaged_entry_is_dropped_the_rest_hit(tmp_path):
+    c = FeatureCache(str(tmp_path / "c"))
+    c.put_many({"a": _feats(0), "b": _feats(1)})
+    (shard,) = os.listdir(c.shard_dir)
+    import json
+    import struct
+
+    raw = bytearray(open(os.path.join(c.shard_dir, shard), "rb").read())
+    n = struct.unpack("<Q", bytes(raw[:8]))[0]
+    lo, _ = json.loads(bytes(raw[8 : 8 + n]))["b.0"]["data_offsets"]
+    raw[8 + n + lo + 5] ^= 0x01  # one bit of entry b
+    open(os.path.join(c.shard_dir, shard), "wb").write(bytes(raw))
+    c2 = FeatureCache(c.root)
+    with pytest.warns(RuntimeWarning, match="1 cached feature entry failed"):
+        got = c2.get_many(["a", "b"])
+    assert set(got) == {"a"} and torch.equal(got["a"][0], _feats(0)[0])
+    assert len(c2) == 1 and c2.dropped_entries == 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_index_is_rebuilt(tmp_path, damage):
+    root = str(tmp_path / "c")
+    c = FeatureCache(root)
+    for k in range(40):
+        c.put_many({f"k{k}": _feats(k)})
+    c.close()
+    index = os.path.join(root, "index.sqlite")
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(index + suffix):
+            os.unlink(index + suffix)
+    if damage == "garbage":
+        open(index, "wb").write(b"this is not a database\n" * 200)
+    else:
+        size = os.path.getsize(index)
+        with open(index, "r+b") as f:
+            f.truncate(size // 3)
+    with pytest.warns(RuntimeWarning, match="index"):
+        c2 = FeatureCache(root)
+        got = c2.get_many([f"k{k}" for k in range(40)])
+    for k, v in got.items():  # whatever survived is intact
+        assert torch.equal(v[1], _feats(int(k[1:]))[1])
+    c2.put_many({"new": _feats(99)})
+    assert torch.equal(c2.get_many(["new"])["new"][0], _feats(99)[0])
+    assert any(n.startswith("index.sqlite.corrupt-") for n in os.listdir(root))
+    # the shards of the lost index were orphans: evicted
+    listed = {r[0] for r in c2._connect().execute("SELECT name FROM shards")}
+    assert set(os.listdir(c2.shard_dir)) == listed
+
+
+def test_orphaned_shards_are_evicted(tmp_path):
+    c = FeatureCache(str(tmp_path / "c"))
+    c.put_many({"a": _feats(0)})
+    old = os.path.join(c.shard_dir, "0" * 32 + ".safetensors")
+    fresh = os.path.join(c.shard_dir, "1" * 32 + ".safetensors")
+    for p in (old, fresh):
+        open(p, "wb").write(b"left behind by a crash")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    c2 = FeatureCache(c.root)
+    assert not os.path.exists(old) and os.path.exists(fresh)  # a fresh one may be a writer's, not yet committed
+    assert set(c2.get_many(["a"])) == {"a"}
+    assert c2.evict_orphans(min_age_s=0) == 1 and not os.path.exists(fresh)
