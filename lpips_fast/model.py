@@ -92,7 +92,8 @@ class LPIPS(nn.Module):
     """Learned Perceptual Image Patch Similarity, numerically identical to ``lpips.LPIPS`` 0.1.4.
 
     Arguments and defaults are the reference's (see its docstring), plus keyword-only
-    ``trunk_path`` (explicit trunk weights) and ``nonfinite`` ('raise' or 'propagate').
+    ``trunk_path`` (explicit trunk weights), ``nonfinite`` ('raise' or 'propagate') and ``lin``
+    (a named, verified lin-weight set from ``lpips_fast.registry``: 'NAME' or 'NAME@N').
     Inputs are (N,3,H,W) (or 1-channel) floats in [-1, 1], or [0, 1] with ``normalize=True``.
     Returns (N,1,1,1), or (N,1,H,W) with ``spatial=True``; ``retPerLayer=True`` returns
     ``(total, [per-layer])``.
@@ -114,6 +115,7 @@ class LPIPS(nn.Module):
         *,
         trunk_path: str | os.PathLike | None = None,
         nonfinite: str = "raise",
+        lin: str | None = None,
     ) -> None:
         super().__init__()
         self.pnet_type = net
@@ -157,11 +159,18 @@ class LPIPS(nn.Module):
 
         if lpips:
             lins = [NetLinLayer(c, use_dropout=use_dropout) for c in self.chns]
-            for k, lin in enumerate(lins):
-                setattr(self, f"lin{k}", lin)
+            for k, layer in enumerate(lins):
+                setattr(self, f"lin{k}", layer)
             self.lins = nn.ModuleList(lins)
-            if pretrained:
-                if model_path is None:
+            if pretrained or lin is not None:
+                if lin is not None:
+                    # A named lin set (lpips_fast.registry): verified, checked against net/version.
+                    if model_path is not None:
+                        raise ValueError("lin: give either lin= (a registered set) or model_path=, not both")
+                    from .registry import lin_state_dict_for
+
+                    sd = lin_state_dict_for(lin, net_c, self.version)[0]
+                elif model_path is None:
                     from . import weights
 
                     sd = weights.lin_state_dict(net_c, self.version)

@@ -69,7 +69,9 @@ def _print_rows(rows: list[dict], as_json: bool) -> None:
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import cache_dir, list_weights
 
-    rows = list_weights()
+    from ..deploy_cli import registry_rows
+
+    rows = list_weights() + registry_rows()
     if not args.json:
         print(f"cache: {cache_dir()}")
     _print_rows(rows, args.json)
@@ -132,6 +134,10 @@ def add_commands(subparsers) -> None:
     v.add_argument("--require", action="extend", nargs="+", choices=_NET_CHOICES[:-1], metavar="NET",
                    help="also fail when these trunks are not in the cache")
     v.set_defaults(func=_cmd_verify)
+
+    from ..deploy_cli import add_register_command  # named lin sets (lpips_fast.registry)
+
+    add_register_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
