@@ -168,3 +168,100 @@ def test_bulk_stats_and_rows_equal_row_by_row(tmp_path):
         w.write_pairs("a,b.png", names, v[:3])
         w.close()
         assert open(p1).read() == open(p2).read()
+
+
+# -- resume checks its settings; CSV records with newlines; --retry-errors ----------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("small"))
+    d0, d1 = os.path.join(root, "a"), os.path.join(root, "b")
+    make_flat_dir(d0, 3)
+    make_flat_dir(d1, 3, seed=5)
+    ref, _ = reference_model()
+    sd = save_state_dict(ref, os.path.join(root, "lpips.safetensors"))
+    from lpips_fast.weights import lin_state_dict
+    from safetensors.torch import save_file
+
+    lin = os.path.join(root, "lin.safetensors")
+    save_file(lin_state_dict("alex", "0.1"), lin)
+    return {"root": root, "d0": d0, "d1": d1, "sd": sd, "lin": lin}
+
+
+@pytest.mark.parametrize("change,named", [
+    (["--net", "squeeze"], "--net was alex, now squeeze"),
+    (["--version", "0.0"], "--version was 0.1, now 0.0"),
+    (["--resize", "40x56"], "--resize was unset, now 40x56"),
+    (["--dtype", "bfloat16"], "--dtype was float32, now bfloat16"),
+    (["--lin", "LIN"], "--lin was unset"),
+    (["REF"], "the command was dirs, now ref"),
+])
+def test_resume_refuses_an_output_written_with_other_settings(small, tmp_path, capsys, change, named):
+    out = str(tmp_path / "s.csv")
+    common = ["--state-dict", small["sd"], "--workers", "0", "--device", "cpu"]
+    assert cli.main(["dirs", small["d0"], small["d1"], "-o", out, *common]) == 0
+    before = open(out).read()
+    assert os.path.exists(out + ".lpips-run.json")
+    change = [small["lin"] if c == "LIN" else c for c in change]
+    if change == ["REF"]:
+        argv = ["ref", os.path.join(small["d0"], "img000.png"), small["d1"], "-o", out, "--resume", *common]
+    else:
+        argv = ["dirs", small["d0"], small["d1"], "-o", out, "--resume", *common, *change]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "--force" in err and len(err.strip().splitlines()) == 1, err
+    assert open(out).read() == before  # nothing written
+    if change[0] in ("--version", "--resize"):  # --force mixes them knowingly
+        assert cli.main(argv + ["--force"]) == 0
+
+
+def test_resume_with_the_same_settings_is_accepted(small, tmp_path, capsys):
+    out = str(tmp_path / "s.jsonl")
+    common = ["--state-dict", small["sd"], "--workers", "0", "--device", "cpu", "--resize", "48x64"]
+    assert cli.main(["dirs", small["d0"], small["d1"], "-o", out, *common]) == 0
+    assert cli.main(["dirs", small["d0"], small["d1"], "-o", out, "--resume", *common]) == 0
+    assert "resumed=3" in capsys.readouterr().out
+
+
+def test_csv_cut_inside_a_quoted_newline_is_repaired(tmp_path):
+    out = str(tmp_path / "q.csv")
+    rows = [Row("x.png", "x.png", 0.125), Row("we\nird.png", "we\nird.png", 0.25), Row("z.png", "z.png", 0.5)]
+    w = RowWriter(out, "csv")
+    w.write(rows)
+    w.close()
+    data = open(out, "rb").read()
+    cut = data.index(b"we\n") + 3  # inside the quoted field, right after its newline
+    open(out, "wb").write(data[:cut])
+    ex = read_existing(out, "csv")
+    assert ex.keys == {("x.png", "x.png")} and ex.truncated_bytes > 0
+    assert open(out, "rb").read() == data[: data.index(b'"we')]
+    w = RowWriter(out, "csv", append=True)
+    w.write(rows[1:])
+    w.close()
+    again = read_existing(out, "csv")
+    assert [r.key for r in again.rows] == [r.key for r in rows] and again.truncated_bytes == 0
+    # a complete record ending in a quoted newline is kept
+    ex = read_existing(out, "csv")
+    assert len(ex.rows) == 3
+
+
+def test_resume_retry_errors_rescores_fixed_files(small, tmp_path, capsys):
+    import shutil
+
+    d0, d1 = str(tmp_path / "a"), str(tmp_path / "b")
+    shutil.copytree(small["d0"], d0)
+    shutil.copytree(small["d1"], d1)
+    good = open(os.path.join(d1, "img001.png"), "rb").read()
+    open(os.path.join(d1, "img001.png"), "wb").write(b"not yet written")
+    out = str(tmp_path / "r.csv")
+    common = ["--state-dict", small["sd"], "--workers", "0", "--device", "cpu"]
+    assert cli.main(["dirs", d0, d1, "-o", out, *common]) == 3
+    assert cli.main(["dirs", d0, d1, "-o", out, "--resume", *common]) == 3  # plain resume keeps the error row
+    open(os.path.join(d1, "img001.png"), "wb").write(good)
+    capsys.readouterr()
+    assert cli.main(["dirs", d0, d1, "-o", out, "--retry-errors", *common]) == 2  # needs --resume
+    assert cli.main(["dirs", d0, d1, "-o", out, "--resume", "--retry-errors", *common]) == 0
+    assert "count=3 errors=0" in capsys.readouterr().out
+    rows = _rows(out)
+    assert [r["path0"] for r in rows] == ["img000.png", "img002.png", "img001.png"]
+    assert all(r["error"] == "" and float(r["lpips"]) > 0 for r in rows)
