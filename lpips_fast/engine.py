@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model import LPIPS
+from .model import LPIPS, identical_pairs
 from .nets import canonical_net_name
 from .profiling import nvtx_range
 
@@ -175,7 +175,7 @@ class Engine:
         feats = self._features_fn(torch.cat([in0, in1]))
         f0 = [f[:n] for f in feats]
         f1 = [f[n:] for f in feats]
-        out = self.model.distances(f0, f1, out_hw=tuple(in0.shape[2:]))
+        out = self.model.distances(f0, f1, out_hw=tuple(in0.shape[2:]), same=identical_pairs(in0, in1))
         return out.to(torch.float32)
 
     def _run_eager(self, in0: torch.Tensor, in1: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nets import TRUNK_CHANNELS, build_trunk, canonical_net_name
-from .ops import lpips_distance, unit_normalize
+from .ops import lpips_distance, lpips_distances, unit_normalize
 from .profiling import nvtx_range
 from .validation import NONFINITE_POLICIES, check_finite, check_image_pair
 
-__all__ = ["LPIPS", "ScalingLayer", "NetLinLayer", "canonical_version"]
+__all__ = ["LPIPS", "ScalingLayer", "NetLinLayer", "canonical_version", "identical_pairs"]
 
 
 def canonical_version(version: str) -> str:
@@ -138,7 +138,9 @@ class LPIPS(nn.Module):
         self.chns = list(TRUNK_CHANNELS[net_c])
         self.L = len(self.chns)
 
-        self.net = build_trunk(net_c)
+        # Weights about to be overwritten are never initialised: no time spent, no draw from the
+        # global RNG (a seeded script draws the same numbers after LPIPS(...) as before it).
+        self.net = build_trunk(net_c, init=pnet_rand and trunk_path is None)
         if not pnet_rand:
             from . import weights
 
@@ -158,7 +160,7 @@ class LPIPS(nn.Module):
             self.net.to(memory_format=torch.channels_last)
 
         if lpips:
-            lins = [NetLinLayer(c, use_dropout=use_dropout) for c in self.chns]
+            lins = _build_lins(self.chns, use_dropout, init=not pretrained)
             for k, layer in enumerate(lins):
                 setattr(self, f"lin{k}", layer)
             self.lins = nn.ModuleList(lins)
@@ -244,33 +246,44 @@ class LPIPS(nn.Module):
         out_hw: tuple[int, int] | None = None,
         retPerLayer: bool = False,
         spatial: bool | None = None,
+        same: torch.Tensor | None = None,
     ):
         """Combine per-layer features into the LPIPS value (the reference's forward from step 4 on).
 
         ``spatial`` overrides the module's setting: (N,1,1,1) values, or (N,1,H,W) maps upsampled
-        to ``out_hw``.
+        to ``out_hw``. ``same``: an optional (N,) bool mask of pairs whose images are bitwise
+        equal; they score exactly 0 with a zero gradient (the mathematical value), whatever the
+        rounding of their features.
         """
         spatial = self.spatial if spatial is None else spatial
-        res = []
         dropout = self.lpips and self.training and self.use_dropout
         with nvtx_range("lpips_fast/distance"):
-            for kk, (f0, f1, w) in enumerate(zip(feats0, feats1, self.lin_weights())):
-                if dropout:
-                    # Training the lin layers with dropout: materialise the diff (reference order).
-                    # NCHW so that dropout draws its mask in the reference's element order.
-                    d = self.lins[kk](_unit_diff_sq(f0, f1).contiguous())
-                    r = d if spatial else d.mean([2, 3], keepdim=True)
-                else:
-                    r = lpips_distance(f0, f1, w, spatial=spatial)
-                    if not spatial:
-                        r = r.view(-1, 1, 1, 1)
-                if spatial:
-                    r = F.interpolate(r, size=tuple(out_hw), mode="bilinear", align_corners=False)
-                res.append(r)
+            if retPerLayer or dropout:
+                res = [self._layer_distance(k, f0, f1, spatial, dropout) for k, (f0, f1) in enumerate(zip(feats0, feats1))]
+            elif spatial:
+                res = lpips_distances(feats0, feats1, self.lin_weights(), spatial=True)
+            else:
+                # All layers in one op call; the sum over layers comes out of the op.
+                val = lpips_distances(feats0, feats1, self.lin_weights()).view(-1, 1, 1, 1)
+                return _zero_where(same, val)
+            if spatial:
+                res = [F.interpolate(r, size=tuple(out_hw), mode="bilinear", align_corners=False) for r in res]
         val = res[0]
         for r in res[1:]:
             val = val + r
-        return (val, res) if retPerLayer else val
+        if retPerLayer:
+            return _zero_where(same, val), [_zero_where(same, r) for r in res]
+        return _zero_where(same, val)
+
+    def _layer_distance(self, k: int, f0: torch.Tensor, f1: torch.Tensor, spatial: bool, dropout: bool) -> torch.Tensor:
+        """One layer's (N,1,1,1) value or (N,1,h,w) map (before upsampling)."""
+        if dropout:
+            # Training the lin layers with dropout: materialise the diff (reference order), NCHW so
+            # that dropout draws its mask in the reference's element order.
+            d = self.lins[k](_unit_diff_sq(f0, f1).contiguous())
+            return d if spatial else d.mean([2, 3], keepdim=True)
+        r = lpips_distance(f0, f1, self.lin_weights()[k], spatial=spatial)
+        return r if spatial else r.view(-1, 1, 1, 1)
 
     def _pair_features(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool):
         grad_on = torch.is_grad_enabled()
@@ -301,7 +314,16 @@ class LPIPS(nn.Module):
             out = in0.new_zeros(shape)
             return (out, [out.clone() for _ in range(self.L)]) if retPerLayer else out
         feats0, feats1 = self._pair_features(in0, in1, normalize)
-        return self.distances(feats0, feats1, out_hw=in0.shape[2:], retPerLayer=retPerLayer)
+        same = identical_pairs(in0, in1)
+        return self.distances(feats0, feats1, out_hw=in0.shape[2:], retPerLayer=retPerLayer, same=same)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "LPIPS does not support torch.jit.script (its forward dispatches on Python-level "
+            "settings and calls custom ops with list arguments). Supported: torch.jit.trace "
+            "(the traced module loads after `import lpips_fast`), torch.compile, torch.export, "
+            "and lpips_fast.export (ONNX, AOTInductor)."
+        )
 
 
 def _lin_aliases(key: str) -> list[str]:
@@ -311,6 +333,30 @@ def _lin_aliases(key: str) -> list[str]:
         k, rest2 = rest.split(".", 1)
         return [f"lin{k}.{rest2}"]
     return [f"lins.{head[3:]}.{rest}"]
+
+
+def identical_pairs(in0: torch.Tensor, in1: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which pairs (after broadcasting a batch of 1) hold bitwise-equal images.
+
+    One elementwise compare of the inputs, far cheaper than the trunk, and no device sync.
+    """
+    return (in0 == in1).flatten(1).all(dim=1)
+
+
+def _zero_where(same: torch.Tensor | None, val: torch.Tensor) -> torch.Tensor:
+    if same is None:
+        return val
+    return torch.where(same.view(-1, *([1] * (val.dim() - 1))), torch.zeros((), dtype=val.dtype, device=val.device), val)
+
+
+def _build_lins(chns: list[int], use_dropout: bool, init: bool) -> list[NetLinLayer]:
+    """The lin layers, randomly initialised (global RNG, as the reference) or, with ``init=False``,
+    uninitialised memory for weights that are loaded next."""
+    if init:
+        return [NetLinLayer(c, use_dropout=use_dropout) for c in chns]
+    with torch.device("meta"):
+        lins = [NetLinLayer(c, use_dropout=use_dropout) for c in chns]
+    return [lin.to_empty(device="cpu") for lin in lins]
 
 
 def _unit_diff_sq(f0: torch.Tensor, f1: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -217,6 +217,13 @@ class SqueezeTrunk(Trunk):
 _TRUNKS = {"alex": AlexTrunk, "vgg": VGG16Trunk, "squeeze": SqueezeTrunk}
 
 
-def build_trunk(net: str) -> Trunk:
-    """A randomly initialised trunk (PyTorch's default init) for ``net``."""
-    return _TRUNKS[canonical_net_name(net)]()
+def build_trunk(net: str, init: bool = True) -> Trunk:
+    """The trunk for ``net``: randomly initialised (PyTorch's default init, drawing from the global
+    RNG), or with ``init=False`` uninitialised memory that the caller overwrites with loaded
+    weights (no RNG draw, no init time)."""
+    cls = _TRUNKS[canonical_net_name(net)]
+    if init:
+        return cls()
+    with torch.device("meta"):
+        trunk = cls()
+    return trunk.to_empty(device="cpu")
