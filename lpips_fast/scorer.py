@@ -173,7 +173,8 @@ class Scorer:
         model: an ``LPIPS`` module to serve (copied to each device by its Engine).
         engines: ready engines (one worker each) instead of building them; each is called as
             ``engine(img0, img1) -> (N,1,1,1)`` and must expose ``.model`` (an ``LPIPS``).
-        name: the value of the ``model`` label on this scorer's metrics.
+        name: what ``stats()`` calls this scorer; also its metrics' ``model`` label unless
+            ``metric_labels`` (constant labels of every metric) says otherwise.
         **lpips_kwargs: passed to ``LPIPS`` (pretrained, pnet_rand, model_path, trunk_path, spatial, ...).
 
     Inputs to ``score``/``submit``: tensors (3,H,W) or (1,3,H,W) (uint8 0..255 or float), numpy
@@ -197,6 +198,7 @@ class Scorer:
         model: Any = None,
         engines: Sequence[Any] | None = None,
         name: str = "default",
+        metric_labels: dict[str, str] | None = None,
         **lpips_kwargs: Any,
     ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -213,6 +215,7 @@ class Scorer:
         self.normalize = bool(normalize)
         self.max_pixels = max_pixels
         self.name = name
+        self._metric_labels = {"model": name} if metric_labels is None else dict(metric_labels)
 
         if engines is None:
             from .engine import Engine
@@ -269,7 +272,7 @@ class Scorer:
 
     # -- metrics ------------------------------------------------------------------------------
     def _init_metrics(self) -> None:
-        m = self.metrics = Metrics(const_labels={"model": self.name})
+        m = self.metrics = Metrics(const_labels=self._metric_labels)
         self._m_requests = m.counter("requests_total", "pairs submitted")
         self._m_pairs = m.counter("pairs_total", "pairs scored", ["device"])
         self._m_batches = m.counter("batches_total", "engine calls", ["device"])

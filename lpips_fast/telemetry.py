@@ -257,7 +257,7 @@ def prometheus_collector(sources: Callable[[], Iterable[Metrics]]):
 class JsonLineFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message and any ``extra=`` fields."""
 
-    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         out = {

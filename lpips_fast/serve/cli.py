@@ -94,12 +94,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
-        from .app import check_arms
+        from .app import check_arms, run
 
         check_arms(settings)
     except SettingsError as e:
         return _fail("serve", e)
-    from .app import run
+    except ModuleNotFoundError as e:
+        return _fail("serve", f"needs the 'serve' extra (pip install 'lpips-fast[serve]'): missing module {e.name!r}")
 
     return run(settings)
 

@@ -1,0 +1,613 @@
+"""The LPIPS HTTP service: a FastAPI app over one ``Scorer`` per A/B arm.
+
+    app = create_app(load_settings())          # then: uvicorn.run(app, ...) or run(settings)
+
+Endpoints (errors are always JSON ``{"code": ..., "message": ...}``):
+
+- ``POST /v1/distance``: two images as multipart fields ``img0``/``img1``, or JSON
+  ``{"img0": "<base64>", "img1": "<base64>"}`` -> ``{"lpips", "model", "arm", "ms"}``.
+- ``POST /v1/distance/batch``: JSON ``{"pairs": [{"img0", "img1"}, ...]}`` (or repeated multipart
+  fields) -> ``{"results": [{"lpips"} | {"error": {"code", "message"}}], "model", "arm", "ms"}``.
+- ``POST /v1/map``: the same inputs -> the spatial LPIPS map as a grayscale PNG (0 = black,
+  ``?vmax=`` or the map's maximum = white); the value, arm and model in ``X-LPIPS-*`` headers.
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (every arm loaded and warmed up),
+  ``GET /metrics`` (Prometheus text), ``GET /v1/models``.
+
+A/B: ``serve.models`` names the arms (``a=alex-v0.1``), ``serve.split`` their traffic shares. A
+request carrying the ``serve.key_header`` header goes to the arm its key hashes to (sha256, so the
+same key always lands on the same arm for a given split); without it, an arm is drawn at random.
+Every response names its arm (body and ``X-LPIPS-Arm``).
+
+Limits: ``serve.max_body_bytes`` (413), ``serve.max_pixels`` (413, from the image header, before
+decoding), ``serve.request_timeout_s`` (504), ``serve.max_concurrency`` requests in progress (503),
+the scorer's queue (503). A bad request never takes the server down: each failure is answered and
+counted. On shutdown (SIGTERM) uvicorn stops accepting, lets requests in flight finish
+(``serve.shutdown_timeout_s``), then every scorer drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import copy
+import hashlib
+import hmac
+import io
+import json
+import logging
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request  # the serve extra; FastAPI resolves handler annotations from module globals
+
+from ..scorer import InvalidInput, Overloaded, Scorer
+from ..settings import Settings, SettingsError
+from ..telemetry import LATENCY_BUCKETS_S, LOGGER_NAME, Metrics, configure_logging, prometheus_collector
+
+__all__ = ["create_app", "run", "check_arms", "ModelSpec", "parse_model_spec", "pick_arm"]
+
+log = logging.getLogger(LOGGER_NAME)
+
+MAX_PAIRS_PER_BATCH_REQUEST = 1024
+
+_SPEC = re.compile(r"(alex|vgg16|vgg|squeeze)(?:-v?(0\.[01]))?(?:@(.+))?")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``NET[-vVERSION][@STATE_DICT]``: a trunk, an LPIPS version and optionally a full state dict."""
+
+    net: str
+    version: str
+    state_dict: str | None = None
+
+    @property
+    def name(self) -> str:
+        base = f"{self.net}-v{self.version}"
+        return base if self.state_dict is None else f"{base}@{self.state_dict.rsplit('/', 1)[-1]}"
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``alex``, ``alex-v0.1``, ``vgg-v0.0``, ``alex-v0.1@weights.safetensors`` -> ``ModelSpec``."""
+    m = _SPEC.fullmatch(text.strip())
+    if not m:
+        raise ValueError(
+            f"got {text!r}, expected NET[-vVERSION][@STATE_DICT] with NET alex, vgg or squeeze and VERSION 0.1 or 0.0 "
+            "(e.g. alex-v0.1)"
+        )
+    net = "vgg" if m.group(1) == "vgg16" else m.group(1)
+    return ModelSpec(net=net, version=m.group(2) or "0.1", state_dict=m.group(3))
+
+
+def check_arms(settings: Settings) -> list[tuple[str, ModelSpec, float]]:
+    """(arm name, spec, traffic share) per arm, validated; ``SettingsError`` names the bad key."""
+    models = settings["serve.models"]
+    if models:
+        arms = []
+        for name, text in models.items():
+            try:
+                arms.append((name, parse_model_spec(text)))
+            except ValueError as e:
+                raise SettingsError(f"serve.models: arm {name!r} from {settings.source('serve.models')}: {e}") from None
+    else:
+        arms = [("default", ModelSpec(settings["model.net"].replace("vgg16", "vgg"),
+                                      settings["model.version"].lstrip("v")))]
+    split = settings["serve.split"]
+    names = [a[0] for a in arms]
+    if split:
+        if set(split) != set(names):
+            raise SettingsError(
+                f"serve.split: got arms {sorted(split)} from {settings.source('serve.split')}, "
+                f"expected exactly the arms of serve.models: {names}"
+            )
+        total = sum(split.values())
+        if total <= 0:
+            raise SettingsError(f"serve.split: got all-zero weights from {settings.source('serve.split')}, "
+                                "expected at least one weight > 0")
+        shares = [split[n] / total for n in names]
+    else:
+        shares = [1.0 / len(arms)] * len(arms)
+    return [(n, s, w) for (n, s), w in zip(arms, shares)]
+
+
+def pick_arm(names: list[str], shares: list[float], key: str | None, rng: random.Random | None = None) -> str:
+    """The arm for a request: a stable hash of ``key`` into [0, 1), or a random draw without one."""
+    if key:
+        u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    else:
+        u = (rng or random).random()
+    acc = 0.0
+    for name, share in zip(names, shares):
+        acc += share
+        if u < acc:
+            return name
+    return [n for n, s in zip(names, shares) if s > 0][-1]
+
+
+# -- models -----------------------------------------------------------------------------------
+def _read_state_dict(path: str) -> dict:
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _build_model(spec: ModelSpec, model_settings: dict[str, Any]):
+    import torch
+
+    from ..model import LPIPS
+
+    state_dict = spec.state_dict or model_settings["state_dict"]
+    if state_dict:
+        m = LPIPS(pretrained=False, net=spec.net, version=spec.version, pnet_rand=True)
+        m.load_state_dict(_read_state_dict(state_dict))
+    elif model_settings["random_trunk"]:
+        torch.manual_seed(model_settings["seed"])
+        m = LPIPS(net=spec.net, version=spec.version, pnet_rand=True, model_path=model_settings["lin"])
+    else:
+        m = LPIPS(net=spec.net, version=spec.version, trunk_path=model_settings["trunk"], model_path=model_settings["lin"])
+    return m.eval().requires_grad_(False)
+
+
+@dataclass(eq=False)
+class Arm:
+    name: str
+    spec: ModelSpec
+    share: float
+    model: Any = None
+    scorer: Scorer | None = None
+    map_scorer: Scorer | None = None
+    map_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with its JSON body ``{"code", "message"}``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+_INPUT_STATUS = {"too_large": 413}
+
+
+class Service:
+    """The app's state: arms and their scorers, readiness, HTTP metrics, limits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.arms = [Arm(n, s, w) for n, s, w in check_arms(settings)]
+        self.names = [a.name for a in self.arms]
+        self.shares = [a.share for a in self.arms]
+        self.by_name = {a.name: a for a in self.arms}
+        self.state = "loading"
+        self._dtype: Any = None
+        self._compile: Any = None
+        self.error: str | None = None
+        self.in_flight = 0
+        self.rng = random.Random()
+        self.key_header = settings["serve.key_header"].lower()
+        self.timeout = settings["serve.request_timeout_s"]
+        self.max_body = settings["serve.max_body_bytes"]
+        self.max_concurrency = settings["serve.max_concurrency"]
+        token = settings["serve.auth_token"]
+        self.auth = None if token is None else f"Bearer {token}".encode()
+        m = self.metrics = Metrics(prefix="lpips_fast_http")
+        self.m_requests = m.counter("requests_total", "HTTP requests answered", ["arm", "endpoint", "status"])
+        self.m_latency = m.histogram("request_seconds", "HTTP request latency", LATENCY_BUCKETS_S, ["arm", "endpoint"])
+        m.gauge("in_flight", "HTTP requests in progress", lambda: self.in_flight)
+        m.gauge("ready", "1 once every arm is loaded and warm", lambda: 1.0 if self.state == "ready" else 0.0)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Build, warm up and start every arm's scorer (in a thread: /healthz answers meanwhile)."""
+        st = self.settings
+        try:
+            import torch
+
+            dtype = None if st["model.dtype"] == "auto" else getattr(torch, st["model.dtype"])
+            compile = {"auto": None, "on": True, "off": False}[st["model.compile"]]
+            self._dtype, self._compile = dtype, compile
+            for arm in self.arms:
+                t = time.perf_counter()
+                arm.model = _build_model(arm.spec, st.section("model"))
+                arm.scorer = self._scorer(arm, arm.model, "distance", dtype, compile)
+                arm.scorer.warmup(st["serve.warmup_size"])
+                log.info("arm %s: %s ready on %s in %.1f s", arm.name, arm.spec.name, arm.scorer.devices,
+                         time.perf_counter() - t)
+            self.state = "ready"
+        except Exception as e:
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("loading the models failed: %s", self.error)
+
+    def _scorer(self, arm: Arm, model: Any, kind: str, dtype: Any, compile: Any) -> Scorer:
+        st = self.settings
+        return Scorer(
+            model=model, devices=list(st["scorer.devices"]) or None, max_batch=st["scorer.max_batch"],
+            max_delay_ms=st["scorer.max_delay_ms"], max_queue=st["scorer.max_queue"], dtype=dtype, compile=compile,
+            max_pixels=st["serve.max_pixels"], name=arm.name, metric_labels={"arm": arm.name, "kind": kind},
+        )
+
+    def map_scorer(self, arm: Arm) -> Scorer:
+        """The arm's spatial scorer, built on first use (a copy of its model with ``spatial=True``)."""
+        with arm.map_lock:
+            if arm.map_scorer is None:
+                m = copy.deepcopy(arm.model)
+                m.spatial = True
+                arm.map_scorer = self._scorer(arm, m, "map", self._dtype, self._compile)
+            return arm.map_scorer
+
+    def close(self) -> None:
+        for arm in self.arms:
+            for s in (arm.scorer, arm.map_scorer):
+                if s is not None:
+                    s.close()
+
+    def scorers_metrics(self) -> list[Metrics]:
+        out = [self.metrics]
+        for arm in self.arms:
+            out += [s.metrics for s in (arm.scorer, arm.map_scorer) if s is not None]
+        return out
+
+    # -- requests -----------------------------------------------------------------------------
+    def route(self, request) -> Arm:
+        if self.state != "ready":
+            msg = "models are loading" if self.state == "loading" else f"models failed to load: {self.error}"
+            raise HTTPError(503, "not_ready", msg, {"Retry-After": "1"})
+        key = request.headers.get(self.key_header)
+        arm = self.by_name[pick_arm(self.names, self.shares, key, self.rng)]
+        request.state.arm = arm.name
+        return arm
+
+    async def score(self, scorer: Scorer, img0: bytes, img1: bytes) -> Any:
+        try:
+            return await asyncio.wait_for(scorer.score_async(img0, img1), self.timeout)
+        except InvalidInput as e:
+            raise HTTPError(_INPUT_STATUS.get(e.kind, 400), e.kind, str(e)) from None
+        except Overloaded as e:
+            raise HTTPError(503, "overloaded", str(e), {"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            raise HTTPError(504, "timeout", f"no result within serve.request_timeout_s={self.timeout:g} s") from None
+
+
+# -- request bodies ---------------------------------------------------------------------------
+def _b64(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise HTTPError(400, "bad_request", f"{name}: expected a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:  # a data URL
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, "bad_request", f"{name}: not valid base64 ({len(value)} characters)") from None
+
+
+async def _read_pairs(request, batch: bool, max_body: int) -> list[tuple[bytes, bytes]]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            doc = json.loads(await request.body())
+        except ValueError as e:
+            raise HTTPError(400, "bad_request", f"body: not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise HTTPError(400, "bad_request", f"body: expected a JSON object, got {type(doc).__name__}")
+        if batch:
+            items = doc.get("pairs")
+            if not isinstance(items, list) or not all(isinstance(p, dict) for p in items):
+                raise HTTPError(400, "bad_request", 'body: expected {"pairs": [{"img0": "<base64>", "img1": "<base64>"}, ...]}')
+        else:
+            items = [doc]
+        out = []
+        for i, p in enumerate(items):
+            where = f"pairs[{i}]." if batch else ""
+            for f in ("img0", "img1"):
+                if f not in p:
+                    raise HTTPError(400, "bad_request", f"{where}{f}: missing (expected a base64-encoded image)")
+            out.append((_b64(p["img0"], where + "img0"), _b64(p["img1"], where + "img1")))
+        return out
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_part_size=max_body)
+        except Exception as e:
+            raise HTTPError(400, "bad_request", f"body: not valid multipart form data ({e})") from None
+        parts = {}
+        for f in ("img0", "img1"):
+            values = form.getlist(f)
+            if not values:
+                raise HTTPError(400, "bad_request", f"{f}: missing (expected a multipart field holding an image file)")
+            parts[f] = [await v.read() if hasattr(v, "read") else _b64(v, f) for v in values]
+        if len(parts["img0"]) != len(parts["img1"]) or (not batch and len(parts["img0"]) != 1):
+            raise HTTPError(400, "bad_request", f"img0/img1: got {len(parts['img0'])} and {len(parts['img1'])} fields, "
+                            f"expected {'as many of each' if batch else 'one of each'}")
+        return list(zip(parts["img0"], parts["img1"]))
+    raise HTTPError(415, "unsupported_media_type",
+                    f"content-type: got {ctype or 'none'!r}, expected multipart/form-data or application/json")
+
+
+# -- the app ----------------------------------------------------------------------------------
+def create_app(settings: Settings):
+    """The FastAPI app. Models load in a background thread at startup; /readyz says when done."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import JSONResponse, Response
+
+    service = Service(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loader = threading.Thread(target=service.load, name="lpips-serve-load", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(loader.join)
+            await asyncio.to_thread(service.close)
+            log.info("scorers drained; bye")
+
+    app = FastAPI(title="lpips-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, e: HTTPError):
+        return _error_response(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error_response(e.status_code, code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return _error_response(400, "bad_request", str(e.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error_response(500, "internal", f"{type(e).__name__}: {e}")
+
+    def _check_auth(request: Request) -> None:
+        if service.auth is not None:
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, service.auth):
+                raise HTTPError(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>' header")
+
+    def _arm_headers(arm: Arm) -> dict[str, str]:
+        return {"X-LPIPS-Arm": arm.name, "X-LPIPS-Model": arm.spec.name}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if service.state == "ready":
+            return {"status": "ready", "arms": service.names}
+        msg = "models are loading" if service.state == "loading" else f"models failed to load: {service.error}"
+        return _error_response(503, "not_ready", msg)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(prometheus_collector(service.scorers_metrics))
+        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_auth(request)
+        out = []
+        for arm in service.arms:
+            s = arm.scorer
+            out.append({
+                "arm": arm.name, "model": arm.spec.name, "net": arm.spec.net, "version": arm.spec.version,
+                "share": arm.share, "ready": s is not None and service.state == "ready",
+                "devices": s.devices if s else None, "max_batch": s.max_batch if s else None,
+            })
+        return {"models": out, "key_header": service.key_header}
+
+    @app.post("/v1/distance")
+    async def distance(request: Request):
+        t = time.perf_counter()
+        _check_auth(request)
+        arm = service.route(request)
+        ((img0, img1),) = await _read_pairs(request, batch=False, max_body=service.max_body)
+        value = await service.score(arm.scorer, img0, img1)
+        body = {"lpips": value, "model": arm.spec.name, "arm": arm.name, "ms": round(1000 * (time.perf_counter() - t), 3)}
+        return JSONResponse(body, headers=_arm_headers(arm))
+
+    @app.post("/v1/distance/batch")
+    async def distance_batch(request: Request):
+        t = time.perf_counter()
+        _check_auth(request)
+        arm = service.route(request)
+        pairs = await _read_pairs(request, batch=True, max_body=service.max_body)
+        if len(pairs) > MAX_PAIRS_PER_BATCH_REQUEST:
+            raise HTTPError(413, "too_many_pairs", f"pairs: got {len(pairs)}, expected at most {MAX_PAIRS_PER_BATCH_REQUEST}")
+
+        async def one(img0: bytes, img1: bytes) -> dict:
+            try:
+                return {"lpips": await service.score(arm.scorer, img0, img1)}
+            except HTTPError as e:
+                return {"error": {"code": e.code, "message": e.message}}
+
+        results = await asyncio.gather(*(one(a, b) for a, b in pairs))
+        body = {"results": results, "model": arm.spec.name, "arm": arm.name,
+                "ms": round(1000 * (time.perf_counter() - t), 3)}
+        return JSONResponse(body, headers=_arm_headers(arm))
+
+    @app.post("/v1/map")
+    async def spatial_map(request: Request, vmax: float | None = None):
+        _check_auth(request)
+        arm = service.route(request)
+        ((img0, img1),) = await _read_pairs(request, batch=False, max_body=service.max_body)
+        scorer = await asyncio.to_thread(service.map_scorer, arm)
+        heat = await service.score(scorer, img0, img1)
+        png, top = await asyncio.to_thread(_map_png, heat, vmax)
+        headers = _arm_headers(arm) | {"X-LPIPS-Value": repr(float(heat.mean())), "X-LPIPS-Vmax": repr(top)}
+        return Response(png, media_type="image/png", headers=headers)
+
+    return _Limits(app, service)
+
+
+def _map_png(heat, vmax: float | None) -> tuple[bytes, float]:
+    """(H, W) map -> 8-bit grayscale PNG scaled by ``vmax`` (default: the map's maximum)."""
+    import numpy as np
+    from PIL import Image
+
+    hm = heat.numpy()
+    top = float(hm.max()) if vmax is None else float(vmax)
+    scaled = np.clip(hm / top, 0.0, 1.0) if top > 0 else np.zeros_like(hm)
+    buf = io.BytesIO()
+    Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue(), top
+
+
+class _Limits:
+    """ASGI wrapper: body size and concurrency limits, per-request metrics and the debug log line."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app = app
+        self.service = service
+        self.state = app.state  # what tests and callers reach through the wrapper
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        svc = self.service
+        t = time.perf_counter()
+        path = scope["path"]
+        status = {"code": 500}
+        scope.setdefault("state", {})
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+            await send(message)
+
+        limited = path.startswith("/v1/")
+        try:
+            if limited and svc.in_flight >= svc.max_concurrency:
+                await self._reply(send, 503, "overloaded",
+                                  f"{svc.in_flight} requests in progress (serve.max_concurrency={svc.max_concurrency})",
+                                  status, {"retry-after": "1"})
+                return
+            svc.in_flight += limited
+            try:
+                body = await self._read_body(scope, receive)
+                if body is None:
+                    await self._reply(send, 413, "body_too_large",
+                                      f"request body exceeds serve.max_body_bytes={svc.max_body}", status)
+                    return
+                sent = False
+
+                async def replay():
+                    nonlocal sent
+                    if not sent:
+                        sent = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                try:
+                    await self.app(scope, replay, send_wrapped)
+                except Exception as e:
+                    # The app's handler has answered (500) and logged it; a bad request must not
+                    # reach the server as an error.
+                    if status["code"] == 500 and not status.get("started"):
+                        await self._reply(send, 500, "internal", f"{type(e).__name__}: {e}", status)
+            finally:
+                svc.in_flight -= limited
+        finally:
+            dt = time.perf_counter() - t
+            arm = scope["state"].get("arm", "")
+            endpoint = path if path in _ENDPOINTS else "other"
+            svc.m_requests.inc(arm=arm, endpoint=endpoint, status=status["code"])
+            svc.m_latency.observe(dt, arm=arm, endpoint=endpoint)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s %d %.1f ms arm=%s", scope["method"], path, status["code"], 1000 * dt, arm or "-",
+                          extra={"method": scope["method"], "path": path, "status": status["code"],
+                                 "ms": round(1000 * dt, 3), "arm": arm or None})
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole body, or None once it exceeds the limit (Content-Length is checked first)."""
+        limit = self.service.max_body
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    if int(v) > limit:
+                        return None
+                except ValueError:
+                    pass
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _reply(send, code: int, err: str, message: str, status: dict, headers: dict | None = None) -> None:
+        body = json.dumps({"code": err, "message": message}).encode()
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        status["code"] = code
+        await send({"type": "http.response.start", "status": code, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body})
+
+
+_ENDPOINTS = {"/v1/distance", "/v1/distance/batch", "/v1/map", "/v1/models", "/healthz", "/readyz", "/metrics"}
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM (uvicorn drains requests in flight, then the scorers drain).
+
+    Returns 0 after a graceful shutdown.
+    """
+    import uvicorn
+
+    logger = configure_logging(settings["log.level"], settings["log.format"])
+    ulog = logging.getLogger("uvicorn")
+    ulog.handlers = list(logger.handlers)
+    ulog.setLevel(logger.level)
+    ulog.propagate = False
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings["serve.host"], port=settings["serve.port"], log_config=None,
+        log_level=settings["log.level"], access_log=False, lifespan="on",
+        timeout_graceful_shutdown=settings["serve.shutdown_timeout_s"],
+    )
+    server = uvicorn.Server(config)
+    log.info("serving %s on http://%s:%d", [a.name for a in app.service.arms], settings["serve.host"], settings["serve.port"])
+    # uvicorn drains on SIGTERM, restores the previous handler and raises the signal again; with
+    # this no-op handler in place that last step returns, and a drained shutdown exits with 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0

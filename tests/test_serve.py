@@ -1,0 +1,304 @@
+"""``lpips-fast serve`` as a real server process on a free 127.0.0.1 port, driven by httpx.
+
+Random-trunk models saved as state dicts keep start-up cheap; values are compared with ``LPIPS``
+built from the same files, in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+prom_parser = pytest.importorskip("prometheus_client.parser")
+
+import lpips_fast  # noqa: E402
+from lpips_fast.serve.app import pick_arm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-6
+START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image(seed: int, h: int = 64, w: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+class Server:
+    """A ``python -m lpips_fast.cli serve`` child process; always terminated at teardown."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "lpips_fast.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.client.get("/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two random-trunk alex models (arms a and b), saved as state dicts."""
+    d = tmp_path_factory.mktemp("serve_models")
+    out = {}
+    for arm, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        m = lpips_fast.LPIPS(net="alex", pnet_rand=True).eval()
+        path = d / f"{arm}.pt"
+        torch.save(m.state_dict(), path)
+        out[arm] = (m, path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    srv = Server(
+        ["--model", f"a=alex-v0.1@{models['a'][1]}", "--model", f"b=alex-v0.1@{models['b'][1]}", "--split", "a=0.5,b=0.5",
+         "--max-body-bytes", "200k", "--max-pixels", "40000", "--max-delay-ms", "20",
+         "--log-level", "debug", "--log-format", "json"],
+        log,
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _ref(model, a: np.ndarray, b: np.ndarray, spatial: bool = False):
+    with torch.no_grad():
+        if spatial:
+            m = lpips_fast.LPIPS(net="alex", pnet_rand=True, pretrained=False, spatial=True)
+            m.load_state_dict(model.state_dict())
+            return m(_as_tensor(a), _as_tensor(b))[0, 0]
+        return model(_as_tensor(a), _as_tensor(b)).item()
+
+
+def _key_for(arm: str) -> str:
+    return next(k for k in (f"user-{i}" for i in range(1000)) if pick_arm(["a", "b"], [0.5, 0.5], k) == arm)
+
+
+def test_distance_multipart_and_json_equal_lpips(server, models):
+    a, b = _image(1), _image(2)
+    for arm in ("a", "b"):
+        key = {"x-request-key": _key_for(arm)}
+        r = server.client.post("/v1/distance", files={"img0": _png(a), "img1": _png(b)}, headers=key)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["arm"] == arm and r.headers["x-lpips-arm"] == arm
+        assert body["model"].startswith("alex-v0.1@") and body["ms"] > 0
+        assert abs(body["lpips"] - _ref(models[arm][0], a, b)) <= TOL
+        doc = {"img0": base64.b64encode(_png(a)).decode(), "img1": base64.b64encode(_png(b)).decode()}
+        r2 = server.client.post("/v1/distance", json=doc, headers=key)
+        assert r2.status_code == 200 and r2.json()["lpips"] == body["lpips"]
+
+
+def test_ab_split_is_stable_per_key_and_random_without(server):
+    a, b = _png(_image(3)), _png(_image(4))
+    seen = {}
+    for i in range(12):
+        key = f"k{i}"
+        r = server.client.post("/v1/distance", files={"img0": a, "img1": b}, headers={"x-request-key": key})
+        assert r.status_code == 200
+        seen[key] = r.json()["arm"]
+        assert seen[key] == pick_arm(["a", "b"], [0.5, 0.5], key)
+    assert set(seen.values()) == {"a", "b"}
+    arms = {server.client.post("/v1/distance", files={"img0": a, "img1": b}).json()["arm"] for _ in range(16)}
+    assert arms == {"a", "b"}  # 16 draws at 50/50 miss an arm with probability 2 * 2**-16
+
+
+def test_concurrent_clients_get_their_own_values_batched(server, models):
+    imgs = [_image(10 + i) for i in range(17)]
+    key = {"x-request-key": _key_for("a")}
+
+    def one(i):
+        r = server.client.post("/v1/distance", files={"img0": _png(imgs[i]), "img1": _png(imgs[i + 1])}, headers=key)
+        return r.status_code, r.json()
+
+    before = _samples(server, "lpips_fast_batches_total", arm="a", kind="distance")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    for i, (status, body) in enumerate(results):
+        assert status == 200, body
+        assert abs(body["lpips"] - _ref(models["a"][0], imgs[i], imgs[i + 1])) <= TOL
+    batches = _samples(server, "lpips_fast_batches_total", arm="a", kind="distance") - before
+    assert 1 <= batches < 16  # coalesced across connections
+
+
+def test_bad_requests_get_json_errors_and_the_server_stays_up(server, models):
+    good = _png(_image(5))
+    c = server.client
+    cases = [
+        (c.post("/v1/distance", files={"img0": b"not an image", "img1": good}), 400, "undecodable"),
+        (c.post("/v1/distance", files={"img0": good}), 400, "bad_request"),
+        (c.post("/v1/distance", json={"img0": "%%%", "img1": "x"}), 400, "bad_request"),
+        (c.post("/v1/distance", content=b"{", headers={"content-type": "application/json"}), 400, "bad_request"),
+        (c.post("/v1/distance", files={"img0": _png(_image(6, 16, 16)), "img1": _png(_image(7, 16, 16))}), 400, "too_small"),
+        (c.post("/v1/distance", files={"img0": good, "img1": _png(_image(8, 64, 48))}), 400, "shape_mismatch"),
+        (c.post("/v1/distance", content=b"abc", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+        # 256x256 = 65536 pixels > max_pixels 40000: refused from the header (a few hundred bytes of PNG).
+        (c.post("/v1/distance", files={"img0": _png(np.zeros((256, 256, 3), np.uint8)), "img1": good}), 413, "too_large"),
+        (c.post("/v1/distance", files={"img0": os.urandom(300_000), "img1": good}), 413, "body_too_large"),
+        (c.get("/v1/nothing"), 404, "not_found"),
+        (c.get("/v1/distance"), 405, "method_not_allowed"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (code, r.status_code, r.text)
+        body = r.json()
+        assert body["code"] == code and isinstance(body["message"], str) and body["message"], body
+    # One bad pair in a batch fails alone.
+    pairs = [{"img0": base64.b64encode(_png(_image(20))).decode(), "img1": base64.b64encode(_png(_image(21))).decode()},
+             {"img0": base64.b64encode(b"junk").decode(), "img1": base64.b64encode(good).decode()}]
+    r = c.post("/v1/distance/batch", json={"pairs": pairs}, headers={"x-request-key": _key_for("b")})
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert abs(res[0]["lpips"] - _ref(models["b"][0], _image(20), _image(21))) <= TOL
+    assert res[1]["error"]["code"] == "undecodable"
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert server.proc.poll() is None
+
+
+def test_map_png_and_models(server, models):
+    from PIL import Image
+
+    a, b = _image(30), _image(31)
+    r = server.client.post("/v1/map", files={"img0": _png(a), "img1": _png(b)}, headers={"x-request-key": _key_for("a")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    im = Image.open(io.BytesIO(r.content))
+    assert im.size == (64, 64) and im.mode == "L"
+    want = _ref(models["a"][0], a, b, spatial=True)
+    assert abs(float(r.headers["x-lpips-value"]) - want.mean().item()) <= TOL
+    assert abs(float(r.headers["x-lpips-vmax"]) - want.max().item()) <= TOL
+    got = np.asarray(im, dtype=np.float64) / 255.0 * float(r.headers["x-lpips-vmax"])
+    assert np.abs(got - want.numpy()).max() <= want.max().item() / 255.0  # 8-bit quantisation
+    m = server.client.get("/v1/models").json()
+    assert [(x["arm"], x["share"], x["ready"]) for x in m["models"]] == [("a", 0.5, True), ("b", 0.5, True)]
+
+
+def _samples(server, name: str, **labels) -> float:
+    text = server.client.get("/metrics").text
+    total = 0.0
+    for fam in prom_parser.text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_metrics_text_parses_with_per_arm_series(server):
+    a, b = _png(_image(40)), _png(_image(41))
+    for arm in ("a", "b"):
+        assert server.client.post("/v1/distance", files={"img0": a, "img1": b},
+                                  headers={"x-request-key": _key_for(arm)}).status_code == 200
+    r = server.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    fams = {f.name: f for f in prom_parser.text_string_to_metric_families(r.text)}
+    assert fams["lpips_fast_http_requests"].type == "counter"
+    assert fams["lpips_fast_http_request_seconds"].type == "histogram"
+    for arm in ("a", "b"):
+        assert _samples(server, "lpips_fast_http_requests_total", arm=arm, endpoint="/v1/distance", status="200") >= 1
+        assert _samples(server, "lpips_fast_http_request_seconds_count", arm=arm, endpoint="/v1/distance") >= 1
+        assert _samples(server, "lpips_fast_pairs_total", arm=arm, kind="distance") >= 1
+    assert _samples(server, "lpips_fast_errors_total", kind="undecodable") >= 0
+    assert _samples(server, "lpips_fast_http_ready") == 1.0
+
+
+def test_debug_log_has_one_json_line_per_request(server):
+    server.client.get("/healthz", headers={"x-probe": "1"})
+    time.sleep(0.2)
+    lines = [json.loads(ln) for ln in server.log().splitlines() if ln.startswith("{")]
+    req = [ln for ln in lines if ln.get("path") == "/healthz"]
+    assert req and req[-1]["status"] == 200 and req[-1]["level"] == "debug" and "ms" in req[-1]
+
+
+def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
+    token = "t0ken-for-the-test"
+    srv = Server(["--state-dict", str(models["a"][1]), "--max-delay-ms", "1500", "--shutdown-timeout", "20",
+                  "--log-level", "info"],
+                 tmp_path / "server.log", env={"LPIPS_FAST_SERVE_AUTH_TOKEN": token})
+    try:
+        srv.wait_ready()
+        a, b = _image(50), _image(51)
+        auth = {"authorization": f"Bearer {token}"}
+        r = srv.client.post("/v1/distance", files={"img0": _png(a), "img1": _png(b)})
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=srv.client.post(
+            "/v1/distance", files={"img0": _png(a), "img1": _png(b)}, headers=auth)))
+        t.start()
+        time.sleep(0.5)  # the pair now waits out its 1.5 s batching delay inside the server
+        srv.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert not t.is_alive()
+        assert out["r"].status_code == 200, out["r"].text
+        assert abs(out["r"].json()["lpips"] - _ref(models["a"][0], a, b)) <= TOL
+        assert srv.proc.wait(30) == 0
+        log = srv.log()
+        assert "scorers drained" in log and token not in log
+    finally:
+        srv.stop()
