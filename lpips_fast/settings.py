@@ -282,6 +282,8 @@ for _name, _s in {
     "max_concurrency": _S("int", 256, "most requests in progress at once (503 beyond)", min=1, flag="--max-concurrency"),
     "shutdown_timeout_s": _S("float", 30.0, "on SIGTERM, how long in-flight requests may finish", min=0,
                              flag="--shutdown-timeout"),
+    "metrics_json": _S("path", None, "on shutdown, write every counter and histogram here as JSON", nullable=True,
+                       flag="--metrics-json"),
     "warmup_size": _S("int", 64, "image size of the warm-up pair run before /readyz turns ready", min=1, hidden=True),
     "auth_token": _S("str", None, "if set, /v1/* requests need 'Authorization: Bearer <token>'", nullable=True,
                      secret=True),

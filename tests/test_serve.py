@@ -278,8 +278,9 @@ def test_debug_log_has_one_json_line_per_request(server):
 
 def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
     token = "t0ken-for-the-test"
+    metrics_json = tmp_path / "metrics.json"
     srv = Server(["--state-dict", str(models["a"][1]), "--max-delay-ms", "1500", "--shutdown-timeout", "20",
-                  "--log-level", "info"],
+                  "--log-level", "info", "--metrics-json", str(metrics_json)],
                  tmp_path / "server.log", env={"LPIPS_FAST_SERVE_AUTH_TOKEN": token})
     try:
         srv.wait_ready()
@@ -300,5 +301,9 @@ def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
         assert srv.proc.wait(30) == 0
         log = srv.log()
         assert "scorers drained" in log and token not in log
+        final = json.loads(metrics_json.read_text())
+        assert final["arms"]["default"]["distance"]["pairs_scored"] == 1  # the 401 never reached the scorer
+        assert final["http"]["requests_total"]["arm=,endpoint=/v1/distance,status=401"] == 1
+        assert final["http"]["requests_total"]["arm=default,endpoint=/v1/distance,status=200"] == 1
     finally:
         srv.stop()

@@ -258,6 +258,19 @@ class Service:
             for s in (arm.scorer, arm.map_scorer):
                 if s is not None:
                     s.close()
+        path = self.settings["serve.metrics_json"]
+        if path:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(self.snapshot(), f, indent=2)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter and histogram as plain values: HTTP, then each arm's scorers' ``stats()``."""
+        arms = {}
+        for arm in self.arms:
+            arms[arm.name] = {"model": arm.spec.name, "share": arm.share,
+                              "distance": arm.scorer.stats() if arm.scorer else None,
+                              "map": arm.map_scorer.stats() if arm.map_scorer else None}
+        return {"http": self.metrics.snapshot(), "arms": arms}
 
     def scorers_metrics(self) -> list[Metrics]:
         out = [self.metrics]
