@@ -13,21 +13,23 @@ annotations, and some torch versions ignore ``triton_op(schema=...)``.
 """
 
 import contextlib
-from typing import Optional, Tuple
+import dataclasses
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _eager
+from ._aot_spec import TRITON_DTYPES, KernelSpec, pointer_type
 from ._autograd import grads_empty, make_backward, setup_context
 
-__all__ = ["distance_triton", "distance_triton_backward"]
+__all__ = ["distance_triton", "distance_triton_backward", "aot_specializations"]
 
 from torch.library import triton_op, wrap_triton  # torch >= 2.6, the package's floor
 
 
-_TILE = 4096  # BLOCK_C * BLOCK_P elements per tensor and program
+_TILE = 4096  # BLOCK_C * BLOCK_P elements per tensor and program (fp32 accumulation)
 
 
 # IEEE-rounded sqrt and division for fp32 (tl.sqrt and "/" may be approximate on the GPU); they
@@ -177,10 +179,23 @@ def _nps(t: torch.Tensor) -> Tuple[int, int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1), _pixel_stride(t)
 
 
-def _config(c: int, p: int) -> Tuple[int, int, int]:
+def _config(c: int, p: int, acc: torch.dtype = torch.float32) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps) for C channels and P pixels per image, as plain Python ints.
+
+    A tile holds 4096 values (2048 for fp64 accumulation: each takes two registers) and every
+    thread 16 registers' worth of each tile-shaped tensor: ``python -m lpips_fast.ops.aot``
+    compiles every config this picks and fails on any register spill (fp64 with 4096-value tiles
+    spilled up to 1.6 KiB per thread in the backward on sm_90).
+    ``int()`` first: in opcheck's dynamic-shape tests the sizes arrive as SymInts, and constexprs
+    and num_warps must be concrete (this specialises the trace on C and on P's tile, which the
+    compiled kernel needs anyway). Checked with torch 2.14.1 / triton 3.8 (tests/test_aot.py
+    traces it symbolically); torch 2.11 / triton 3.6 on the GPU machine take the same path.
+    """
+    c, p = int(c), int(p)
+    words = 2 if acc == torch.float64 else 1  # 32-bit registers per accumulated value
     block_c = triton.next_power_of_2(c)
-    block_p = max(1, min(triton.next_power_of_2(p), _TILE // block_c))
-    warps = 4 if block_c * block_p <= 2048 else 8
+    block_p = max(1, min(triton.next_power_of_2(p), _TILE // words // block_c))
+    warps = 4 if block_c * block_p * words <= 2048 else 8
     return block_c, block_p, warps
 
 
@@ -193,6 +208,77 @@ def _weight_arg(weight: Optional[torch.Tensor], acc: torch.dtype, like: torch.Te
     return weight.to(acc).contiguous() if weight is not None else like
 
 
+# What each pointer parameter holds: "feat" (the features' dtype) or "acc" (fp32; fp64 for fp64
+# features). Non-pointer parameters are sizes and strides (ints) except those in _FLOAT_PARAMS.
+# The launcher passes tensors exactly for these names (tests/test_aot.py checks it against the
+# arguments it builds), and aot_specializations() types the signature from this table.
+_POINTERS = {
+    "_lpips_fwd_kernel": {"X": "feat", "Y": "feat", "Wt": "acc", "OUT": "acc"},
+    "_lpips_bwd_kernel": {"G": "acc", "X": "feat", "Y": "feat", "Wt": "acc", "DX": "feat", "DY": "feat", "DWP": "acc"},
+}
+_FLOAT_PARAMS = frozenset({"eps"})
+
+
+def _fwd_constexprs(has_w: bool, spatial: bool, acc: torch.dtype, block_c: int, block_p: int) -> dict:
+    return dict(HAS_W=has_w, SPATIAL=spatial, IS_F64=acc == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p)
+
+
+def _bwd_constexprs(has_w, spatial, acc, need_dx, need_dy, need_dw, block_c, block_p) -> dict:
+    return dict(
+        HAS_W=has_w, SPATIAL=spatial, IS_F64=acc == torch.float64,
+        NEED_DX=need_dx, NEED_DY=need_dy, NEED_DW=need_dw, BLOCK_C=block_c, BLOCK_P=block_p,
+    )  # fmt: skip
+
+
+def _fwd_args(x, y, wt, out, p, n_pblocks, eps) -> dict:
+    sxn, sxc, sxp = _nps(x)
+    syn, syc, syp = _nps(y)
+    return dict(
+        X=x, Y=y, Wt=wt, OUT=out, C=x.shape[1], P=p, n_pblocks=n_pblocks,
+        sxn=sxn, sxc=sxc, sxp=sxp, syn=syn, syc=syc, syp=syp, eps=eps,
+    )  # fmt: skip
+
+
+def _bwd_args(g, g_sn, g_sp, x, y, wt, dx, dy, dwp, need_dx, need_dy, p, n_pblocks, eps) -> dict:
+    sxn, sxc, sxp = _nps(x)
+    syn, syc, syp = _nps(y)
+    dxn, dxc, dxp = _nps(dx) if need_dx else (0, 0, 0)
+    dyn, dyc, dyp = _nps(dy) if need_dy else (0, 0, 0)
+    return dict(
+        G=g, X=x, Y=y, Wt=wt, DX=dx if need_dx else x, DY=dy if need_dy else y, DWP=dwp,
+        C=x.shape[1], P=p, n_pblocks=n_pblocks,
+        sxn=sxn, sxc=sxc, sxp=sxp, syn=syn, syc=syc, syp=syp,
+        dxn=dxn, dxc=dxc, dxp=dxp, dyn=dyn, dyc=dyc, dyp=dyp,
+        gsn=g_sn, gsp=g_sp, eps=eps,
+    )  # fmt: skip
+
+
+def _launch(fn, programs: int, args: dict, constexprs: dict, num_warps: int, like: torch.Tensor) -> None:
+    """Launch ``fn`` with its arguments in the kernel's own parameter order."""
+    ordered = [args[name] for name in fn.arg_names if name not in constexprs]
+    assert len(ordered) + len(constexprs) == len(fn.arg_names) == len(args) + len(constexprs), (
+        f"{fn.__name__}: arguments {sorted(args)} + constexprs {sorted(constexprs)} != {fn.arg_names}"
+    )
+    with _device_ctx(like):
+        wrap_triton(fn)[(programs,)](*ordered, **constexprs, num_warps=num_warps)
+
+
+def _signature(fn, feat_dtype: torch.dtype, constexprs: dict) -> dict:
+    """Triton types of ``fn``'s parameters as the launcher passes them (sizes and strides that
+    fit in 32 bits; the JIT compiles an i64 variant for larger ones)."""
+    acc = _eager.acc_dtype(feat_dtype)
+    roles = _POINTERS[fn.__name__]
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in roles:
+            sig[name] = pointer_type(feat_dtype if roles[name] == "feat" else acc)
+        else:
+            sig[name] = "fp32" if name in _FLOAT_PARAMS else "i32"
+    return sig
+
+
 def _forward(feat0, feat1, weight, spatial, eps):
     x, y = _walkable(feat0), _walkable(feat1)
     n, c, h, w = x.shape
@@ -201,18 +287,13 @@ def _forward(feat0, feat1, weight, spatial, eps):
     if n * p == 0:
         out = x.new_zeros((n, 1, h, w) if spatial else (n,), dtype=acc)
         return out if spatial or n == 0 else out.fill_(float("nan"))
-    block_c, block_p, warps = _config(c, p)
+    block_c, block_p, warps = _config(c, p, acc)
     n_pblocks = triton.cdiv(p, block_p)
     out = x.new_empty((n, 1, h, w) if spatial else (n * n_pblocks,), dtype=acc)
     wt = _weight_arg(weight, acc, x)
-    with _device_ctx(x):
-        wrap_triton(_lpips_fwd_kernel)[(n * n_pblocks,)](
-            x, y, wt, out, c, p, n_pblocks,
-            *_nps(x), *_nps(y),
-            eps,
-            HAS_W=weight is not None, SPATIAL=spatial, IS_F64=acc == torch.float64,
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
-        )  # fmt: skip
+    args = _fwd_args(x, y, wt, out, p, n_pblocks, eps)
+    constexprs = _fwd_constexprs(weight is not None, spatial, acc, block_c, block_p)
+    _launch(_lpips_fwd_kernel, n * n_pblocks, args, constexprs, warps, x)
     if spatial:
         return out
     return out.view(n, n_pblocks).sum(dim=1) / p
@@ -230,7 +311,7 @@ def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, 
         dy.zero_()
         dw = weight.new_zeros(weight.shape) if need_weight else feat0.new_empty(0)
         return dx, dy, dw
-    block_c, block_p, warps = _config(c, p)
+    block_c, block_p, warps = _config(c, p, acc)
     n_pblocks = triton.cdiv(p, block_p)
     programs = n * n_pblocks
     dwp = x.new_empty((programs, c) if need_weight else (1,), dtype=acc)
@@ -240,19 +321,81 @@ def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, 
     else:
         g, g_sn, g_sp = grad, grad.stride(0), 0
     wt = _weight_arg(weight, acc, x)
-    with _device_ctx(x):
-        wrap_triton(_lpips_bwd_kernel)[(programs,)](
-            g, x, y, wt, dx if need_feat0 else x, dy if need_feat1 else y, dwp,
-            c, p, n_pblocks,
-            *_nps(x), *_nps(y),
-            *(_nps(dx) if need_feat0 else (0, 0, 0)), *(_nps(dy) if need_feat1 else (0, 0, 0)),
-            g_sn, g_sp, eps,
-            HAS_W=weight is not None, SPATIAL=spatial, IS_F64=acc == torch.float64,
-            NEED_DX=need_feat0, NEED_DY=need_feat1, NEED_DW=need_weight,
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps,
-        )  # fmt: skip
+    args = _bwd_args(g, g_sn, g_sp, x, y, wt, dx, dy, dwp, need_feat0, need_feat1, p, n_pblocks, eps)
+    constexprs = _bwd_constexprs(
+        weight is not None, spatial, acc, need_feat0, need_feat1, need_weight, block_c, block_p
+    )
+    _launch(_lpips_bwd_kernel, programs, args, constexprs, warps, x)
     dw = dwp.sum(dim=0).to(weight.dtype) if need_weight else feat0.new_empty(0)
     return dx, dy, dw
+
+
+# ----------------------------------------------------------------------------- ahead of time
+# Channel counts of the alex, vgg and squeeze layers plus edge cases, and pixel counts that give
+# each channel count its distinct tiles: one pixel, a 3x3 map, a map larger than any tile.
+AOT_CHANNELS = (1, 3, 64, 128, 192, 256, 384, 512, 1000)
+AOT_PIXELS = (1, 9, 1 << 16)
+_TRUNK_CHANNELS = frozenset({64, 128, 192, 256, 384, 512})
+# (need_dx, need_dy, need_dw): every combination the autograd wiring can request (one at least).
+_NEEDS = tuple((a, b, c) for a in (False, True) for b in (False, True) for c in (False, True) if a or b or c)
+
+
+def _need_label(need_dx: bool, need_dy: bool, need_dw: bool) -> str:
+    return ",".join(k for k, on in (("dx", need_dx), ("dy", need_dy), ("dw", need_dw)) if on)
+
+
+def aot_specializations() -> List[KernelSpec]:
+    """Every (kernel, dtype, flags, block config) the launcher can pick for AOT_CHANNELS x
+    AOT_PIXELS, from ``_config`` and the launcher's own constexpr and signature builders; specs
+    that compile to the same binary are merged (their ``launch`` lists every (C, P) they serve).
+    The contract is ``lpips_fast.ops.aot``'s (see its docstring)."""
+    merged: Dict[Tuple, Tuple[KernelSpec, list]] = {}
+
+    def add(fn, dtype, constexprs, warps, launch, axes, hot, cp):
+        spec = KernelSpec(
+            kernel=fn.__name__, fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs,
+            num_warps=warps, dtype=TRITON_DTYPES[dtype], launch=launch, axes=axes, hot=hot,
+        )  # fmt: skip
+        first, cps = merged.setdefault(spec.key(), (spec, []))
+        cps.append(cp)
+        if hot and not first.hot:
+            merged[spec.key()] = (dataclasses.replace(first, hot=True), cps)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        acc = _eager.acc_dtype(dtype)
+        for c in AOT_CHANNELS:
+            for p in AOT_PIXELS:
+                block_c, block_p, warps = _config(c, p, acc)
+                common = c in _TRUNK_CHANNELS and p == AOT_PIXELS[-1] and dtype in (torch.float32, torch.bfloat16)
+                block = ("block", f"{block_c}x{block_p}/w{warps}")
+                for has_w in (True, False):
+                    for spatial in (False, True):
+                        flags = {"has_weight": has_w, "spatial": spatial}
+                        axes = (("dtype", TRITON_DTYPES[dtype]), ("HAS_W", has_w), ("SPATIAL", spatial), block)
+                        hot = common and has_w and not spatial
+                        kw = _fwd_constexprs(has_w, spatial, acc, block_c, block_p)
+                        add(_lpips_fwd_kernel, dtype, kw, warps, flags, (("kernel", "fwd"),) + axes, hot, (c, p))
+                        for need in _NEEDS:
+                            if need[2] and not has_w:
+                                continue  # no weight, no weight gradient (make_backward drops it)
+                            kw = _bwd_constexprs(has_w, spatial, acc, *need, block_c, block_p)
+                            bwd_axes = (("kernel", "bwd"), ("need", _need_label(*need))) + axes
+                            bwd_hot = hot and need == (True, False, False)  # the loss: input gradient
+                            add(_lpips_bwd_kernel, dtype, kw, warps, flags, bwd_axes, bwd_hot, (c, p))
+    out = []
+    for spec, cps in merged.values():
+        launch = dict(spec.launch, C=sorted({c for c, _ in cps}), P=sorted({p for _, p in cps}))
+        out.append(dataclasses.replace(spec, launch=launch))
+    # Most demanding first (aot.py's cover scope keeps the first spec having each axis value):
+    # fp32 then fp64, backward, larger tiles, more gradients.
+    rank = {"fp32": 0, "fp64": 1, "bf16": 2, "fp16": 3}
+    out.sort(
+        key=lambda s: (
+            rank[s.dtype], s.kernel != "_lpips_bwd_kernel", -s.constexprs["BLOCK_C"] * s.constexprs["BLOCK_P"],
+            -sum(bool(s.constexprs.get(k)) for k in ("NEED_DX", "NEED_DY", "NEED_DW")),
+        )
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- the ops

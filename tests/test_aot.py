@@ -1,0 +1,174 @@
+"""Ahead-of-time compile of the Triton kernels for sm_90, without a GPU (lpips_fast.ops.aot).
+
+The spec list must be the launcher's: block configs from ``_config``, argument types matching the
+arguments the launcher builds, every NEED_* combination autograd can request. The compile of the
+CI set (``--scope cover``: the hot specs plus every axis value once, ~45 compiles, 30-60 s on 2
+cores) must succeed without register spills; ``--scope all`` (~1700 specs per arch) is run by
+hand (README, "Checking a GPU").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lpips_fast.ops import _eager, _triton, aot  # noqa: E402
+from lpips_fast.ops._aot_spec import TRITON_DTYPES, pointer_type  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ACC = (torch.float32, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return aot.load_specs()
+
+
+def test_config_returns_plain_ints():
+    for acc in ACC:
+        for c in _triton.AOT_CHANNELS:
+            for p in (*_triton.AOT_PIXELS, 2, 225, 3025):
+                cfg = _triton._config(c, p, acc)
+                assert all(type(v) is int for v in cfg), (c, p, cfg)
+                block_c, block_p, warps = cfg
+                assert block_c >= c and block_c * block_p <= max(4096, block_c) and warps in (4, 8)
+
+
+def test_config_plain_ints_under_symbolic_trace():
+    """opcheck's dynamic-shape tests trace the launcher with SymInt sizes: constexprs stay ints."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    seen = []
+
+    def f(x):
+        assert isinstance(x.shape[1], torch.SymInt)
+        seen.append(_triton._config(x.shape[1], x.shape[2] * x.shape[3]))
+        return x * 2
+
+    make_fx(f, tracing_mode="symbolic")(torch.randn(2, 64, 5, 7))
+    assert seen == [_triton._config(64, 35)] and all(type(v) is int for v in seen[0])
+
+
+def test_specs_are_the_launchers_configs(specs):
+    fwd = [s for s in specs if s.kernel == "_lpips_fwd_kernel"]
+    bwd = [s for s in specs if s.kernel == "_lpips_bwd_kernel"]
+    assert fwd and bwd and len({s.key() for s in specs}) == len(specs)
+    covered = set()
+    for s in specs:
+        acc = _eager.acc_dtype({v: k for k, v in TRITON_DTYPES.items()}[s.dtype])
+        for c in s.launch["C"]:
+            for p in s.launch["P"]:
+                covered.add((s.kernel, s.dtype, c, p))
+        # Every (C, P) the spec stands for picks exactly its block config.
+        picks = {_triton._config(c, p, acc) for c in s.launch["C"] for p in s.launch["P"]}
+        assert picks == {(s.constexprs["BLOCK_C"], s.constexprs["BLOCK_P"], s.num_warps)}, s
+    for kernel in ("_lpips_fwd_kernel", "_lpips_bwd_kernel"):
+        for dtype in ("fp32", "fp16", "bf16", "fp64"):
+            for c in (1, 3, 64, 128, 192, 256, 384, 512, 1000):
+                for p in _triton.AOT_PIXELS:
+                    assert (kernel, dtype, c, p) in covered
+    needs = {
+        (s.constexprs["HAS_W"], s.constexprs["NEED_DX"], s.constexprs["NEED_DY"], s.constexprs["NEED_DW"]) for s in bwd
+    }
+    # With a weight: all 7 non-empty combinations; without: the 3 without a weight gradient.
+    assert len(needs) == 10 and all(dx or dy or dw for _, dx, dy, dw in needs)
+    assert not any(dw and not has_w for has_w, _, _, dw in needs)
+    assert {(s.constexprs["HAS_W"], s.constexprs["SPATIAL"]) for s in fwd} == {
+        (a, b) for a in (True, False) for b in (True, False)
+    }
+
+
+def _check_types(args: dict, sig: dict, constexprs: dict) -> None:
+    assert set(args) | set(constexprs) == set(sig)
+    for name, value in args.items():
+        want = sig[name]
+        if isinstance(value, torch.Tensor):
+            assert want == pointer_type(value.dtype), (name, want, value.dtype)
+        elif isinstance(value, float):
+            assert want == "fp32", (name, want)
+        else:
+            assert isinstance(value, int) and want == "i32", (name, want, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_signature_matches_the_arguments_the_launcher_builds(dtype):
+    """The AOT signature and the launcher's argument dicts agree, tensor by tensor."""
+    acc = _eager.acc_dtype(dtype)
+    x = torch.rand(2, 64, 3, 5, dtype=dtype)
+    y = torch.rand(2, 64, 3, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    wt = torch.rand(64, dtype=acc)
+    block_c, block_p, warps = _triton._config(64, 15, acc)
+    kw = _triton._fwd_constexprs(True, False, acc, block_c, block_p)
+    out = torch.empty(2, dtype=acc)
+    args = _triton._fwd_args(x, y, wt, out, 15, 1, 1e-10)
+    _check_types(args, _triton._signature(_triton._lpips_fwd_kernel, dtype, kw), kw)
+    kw = _triton._bwd_constexprs(True, True, acc, True, True, True, block_c, block_p)
+    g = torch.rand(2, 1, 3, 5, dtype=acc)
+    dwp = torch.empty(2, 64, dtype=acc)
+    args = _triton._bwd_args(g, 15, 1, x, y, wt, torch.empty_like(x), torch.empty_like(y), dwp, True, True, 15, 1, 1e-10)
+    _check_types(args, _triton._signature(_triton._lpips_bwd_kernel, dtype, kw), kw)
+
+
+def test_cover_scope_has_every_axis_value_and_the_hot_specs(specs):
+    chosen = aot.select(specs, "cover")
+    assert {a for s in specs for a in s.axes} == {a for s in chosen for a in s.axes}
+    assert [s for s in specs if s.hot] == [s for s in chosen if s.hot]
+    hot = [s for s in specs if s.hot]
+    assert {s.dtype for s in hot} == {"fp32", "bf16"} and {s.kernel for s in hot} == {
+        "_lpips_fwd_kernel",
+        "_lpips_bwd_kernel",
+    }
+    with pytest.raises(ValueError, match="scope"):
+        aot.select(specs, "most")
+
+
+def _run(args: list, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A fresh interpreter without TRITON_INTERPRET (tests/test_ops_triton.py sets it for the
+    session, and kernels imported under it cannot be compiled for a GPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+_SPILL_SNIPPET = """
+import json
+from lpips_fast.ops import aot
+spec = next(s for s in aot.load_specs() if s.hot and s.kernel == "_lpips_bwd_kernel" and s.constexprs["BLOCK_C"] == 512)
+print(json.dumps(aot.compile_spec(spec, 90, options={"maxnreg": 32})))
+"""
+
+
+def test_spills_are_detected():
+    """A register cap forces spills: the record must say so (ok False, spills > 0)."""
+    proc = _run(["-c", _SPILL_SNIPPET])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["regs"] is not None and rec["regs"] <= 32, rec
+    assert rec["spills"] > 0 and rec["ok"] is False and "spill" in rec["error"]
+
+
+def test_usage_error_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        aot.main(["--arch", "sm_x"])
+    assert exc.value.code == 2 and "--arch" in capsys.readouterr().err
+
+
+def test_aot_cover_compiles_for_sm90_without_spills(tmp_path):
+    out = tmp_path / "aot.json"
+    proc = _run(["-m", "lpips_fast.ops.aot", "--arch", "90", "--scope", "cover", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = json.loads(out.read_text())
+    assert len(records) == len(aot.select(aot.load_specs(), "cover"))
+    for r in records:
+        assert r["ok"] and r["arch"] == 90 and r["spills"] == 0, r
+        assert 0 < r["regs"] <= 255 and r["shared"] >= 0 and r["cubin_bytes"] > 0
+        assert {"kernel", "dtype", "BLOCK_C", "BLOCK_P", "num_warps", "launch"} <= set(r)
+    hot = [r for r in records if r["hot"]]
+    assert len(hot) == 16 and "_lpips_bwd_kernel" in proc.stdout
