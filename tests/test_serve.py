@@ -307,3 +307,49 @@ def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
         assert final["http"]["requests_total"]["arm=default,endpoint=/v1/distance,status=200"] == 1
     finally:
         srv.stop()
+
+
+# -- in-process: arm specs and routing ----------------------------------------------------------
+def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from lpips_fast import registry, weights
+    from lpips_fast.serve.app import ModelSpec, _build_model, parse_model_spec
+
+    assert parse_model_spec("alex") == ModelSpec("alex", "0.1")
+    assert parse_model_spec("vgg16-v0.0") == ModelSpec("vgg", "0.0")
+    assert parse_model_spec("alex-v0.1@/w/x.pt") == ModelSpec("alex", "0.1", state_dict="/w/x.pt")
+    assert parse_model_spec("vgg-v0.1@1") == ModelSpec("vgg", "0.1", lin="vgg-v0.1@1")
+    with pytest.raises(ValueError, match="registered lin set NAME"):
+        parse_model_spec("alexnet")
+    monkeypatch.setenv("LPIPS_FAST_HOME", str(tmp_path))
+    lin = {k: v.clone() * 2 for k, v in weights.lin_state_dict("alex", "0.1").items()}
+    save_file(lin, str(tmp_path / "lin.safetensors"))
+    registry.register("mine", str(tmp_path / "lin.safetensors"), net="alex", version="0.1")
+    spec = parse_model_spec("mine")
+    assert spec == ModelSpec("alex", "0.1", lin="mine@1") and spec.name == "mine@1"
+    m = _build_model(spec, {"trunk": None, "random_trunk": True, "seed": 0, "lin": None, "state_dict": None})
+    for k, v in lin.items():
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_split_routing_shares_and_errors(tmp_path):
+    from lpips_fast.serve.app import check_arms
+    from lpips_fast.settings import SettingsError, load_settings
+
+    keys = [f"u{i}" for i in range(4000)]
+    share_a = sum(pick_arm(["a", "b"], [0.9, 0.1], k) == "a" for k in keys) / len(keys)
+    assert 0.87 < share_a < 0.93
+    assert all(pick_arm(["a", "b"], [1.0, 0.0], k) == "a" for k in keys[:200])
+
+    def arms(**flags):
+        s = load_settings(env={}, start_dir=tmp_path, flags={k.replace("_", ".", 1): (v, "--x") for k, v in flags.items()})
+        return check_arms(s)
+
+    assert [(n, s.net, w) for n, s, w in arms(serve_models="a=alex-v0.1,b=vgg-v0.1", serve_split="a=9,b=1")] == [
+        ("a", "alex", 0.9), ("b", "vgg", 0.1)]
+    assert [(n, s.net) for n, s, _ in arms(model_net="vgg16")] == [("default", "vgg")]
+    with pytest.raises(SettingsError, match=r"serve\.split: got arms \['a', 'c'\] from flag --x"):
+        arms(serve_models="a=alex,b=vgg", serve_split="a=1,c=1")
+    with pytest.raises(SettingsError, match=r"serve\.models: arm 'b' from flag --x"):
+        arms(serve_models="a=alex,b=resnet")

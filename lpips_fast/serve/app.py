@@ -62,28 +62,44 @@ _SPEC = re.compile(r"(alex|vgg16|vgg|squeeze)(?:-v?(0\.[01]))?(?:@(.+))?")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``NET[-vVERSION][@STATE_DICT]``: a trunk, an LPIPS version and optionally a full state dict."""
+    """What an arm serves: a trunk, an LPIPS version, and a full state dict or a registered lin set."""
 
     net: str
     version: str
     state_dict: str | None = None
+    lin: str | None = None  # a lpips_fast.registry spec, NAME@N
 
     @property
     def name(self) -> str:
+        if self.lin is not None:
+            return self.lin
         base = f"{self.net}-v{self.version}"
         return base if self.state_dict is None else f"{base}@{self.state_dict.rsplit('/', 1)[-1]}"
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """``alex``, ``alex-v0.1``, ``vgg-v0.0``, ``alex-v0.1@weights.safetensors`` -> ``ModelSpec``."""
-    m = _SPEC.fullmatch(text.strip())
-    if not m:
+    """An arm's model from its spec.
+
+    - ``NET[-vVERSION]`` (``alex``, ``alex-v0.1``, ``vgg-v0.0``): the packaged lin weights;
+    - ``NET[-vVERSION]@STATE_DICT``: a complete LPIPS state dict file (.safetensors or torch);
+    - ``NAME`` or ``NAME@N``: a lin set registered with ``lpips-fast weights register``
+      (``lpips_fast.registry``; net and version come from its entry).
+    """
+    text = text.strip()
+    m = _SPEC.fullmatch(text)
+    if m and not (m.group(3) or "").isdigit():
+        net = "vgg" if m.group(1) == "vgg16" else m.group(1)
+        return ModelSpec(net=net, version=m.group(2) or "0.1", state_dict=m.group(3))
+    from .. import registry
+
+    try:
+        entry = registry.resolve(text)
+    except Exception as e:
         raise ValueError(
-            f"got {text!r}, expected NET[-vVERSION][@STATE_DICT] with NET alex, vgg or squeeze and VERSION 0.1 or 0.0 "
-            "(e.g. alex-v0.1)"
-        )
-    net = "vgg" if m.group(1) == "vgg16" else m.group(1)
-    return ModelSpec(net=net, version=m.group(2) or "0.1", state_dict=m.group(3))
+            f"got {text!r}, expected NET[-vVERSION][@STATE_DICT] (NET alex, vgg or squeeze; VERSION 0.1 or 0.0; "
+            f"e.g. alex-v0.1) or a registered lin set NAME[@N] ({' '.join(str(e).split())})"
+        ) from None
+    return ModelSpec(net=entry.net, version=entry.version, lin=entry.spec)
 
 
 def check_arms(settings: Settings) -> list[tuple[str, ModelSpec, float]]:
@@ -147,8 +163,11 @@ def _build_model(spec: ModelSpec, model_settings: dict[str, Any]):
 
     from ..model import LPIPS
 
-    state_dict = spec.state_dict or model_settings["state_dict"]
-    if state_dict:
+    state_dict = spec.state_dict or (None if spec.lin else model_settings["state_dict"])
+    if spec.lin is not None:
+        m = LPIPS(net=spec.net, version=spec.version, lin=spec.lin, trunk_path=model_settings["trunk"],
+                  pnet_rand=model_settings["random_trunk"])
+    elif state_dict:
         m = LPIPS(pretrained=False, net=spec.net, version=spec.version, pnet_rand=True)
         m.load_state_dict(_read_state_dict(state_dict))
     elif model_settings["random_trunk"]:
