@@ -6,9 +6,12 @@ distance op. Decoding never raises: a file that cannot be scored becomes a ``Dec
 
 Decoding rules (documented in the README):
 
-- Pillow decodes every file; grayscale, palette, CMYK and RGBA images are converted to RGB with
-  ``Image.convert("RGB")`` (alpha is dropped, not composited); 16-bit grayscale is scaled to
-  8 bits (``/ 257``), not clipped.
+- Only regular files are opened (a FIFO, socket or device named ``x.png`` is an error, never a
+  hang); symlinks to files are followed.
+- Pillow decodes every file; an EXIF orientation tag is applied (``ImageOps.exif_transpose``, as
+  the reference's OpenCV ``load_image`` does), so a rotated photo and its upright copy match;
+  grayscale, palette, CMYK and RGBA images are converted to RGB with ``Image.convert("RGB")``
+  (alpha is dropped, not composited); 16-bit grayscale is scaled to 8 bits (``/ 257``), not clipped.
 - ``resize=(H, W)`` resizes with Pillow's bicubic filter after the RGB conversion.
 - An image with more pixels than ``max_pixels`` (default: Pillow's ``Image.MAX_IMAGE_PIXELS``,
   89,478,485) is a decompression-bomb error; Pillow itself only warns there and refuses at twice that.
@@ -20,6 +23,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -40,6 +44,11 @@ __all__ = [
     "iter_windows",
     "bucket_by_size",
     "to_model_input",
+    "read_regular_file",
+    "NotARegularFile",
+    "upright",
+    "exif_orientation",
+    "stop_with_parent",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -90,26 +99,40 @@ def list_images(root: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of the image files under ``root`` (recursive, sorted, hidden skipped).
 
     A file counts as an image by its extension (case-insensitive, ``IMAGE_EXTENSIONS``); its
-    content is only checked when it is decoded.
+    content is only checked when it is decoded. Symlinked folders are followed and listed under
+    the names the user sees (an alias next to its target lists the files under both names); only
+    a folder that is its own ancestor (a symlink loop) is skipped.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root}: not a directory")
+    st = os.stat(root)
     out = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: been here already
-            dirnames[:] = []
+    stack = [(root, "", frozenset({(st.st_dev, st.st_ino)}))]
+    while stack:
+        path, rel, ancestors = stack.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
             continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                out.append(rel.replace(os.sep, "/"))
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            name = f"{rel}/{e.name}" if rel else e.name
+            if is_dir:
+                try:
+                    ds = os.stat(e.path)
+                except OSError:
+                    continue
+                key = (ds.st_dev, ds.st_ino)
+                if key not in ancestors:
+                    stack.append((e.path, name, ancestors | {key}))
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                out.append(name)
     out.sort()
     return out
 
@@ -163,7 +186,7 @@ def decode_bytes(
                     if w * h > limit:
                         raise Image.DecompressionBombError(f"{w}x{h}")
                     im.load()
-                    rgb = _to_rgb(im)
+                    rgb = _to_rgb(upright(im))
             finally:
                 Image.MAX_IMAGE_PIXELS = old
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -188,6 +211,27 @@ def decode_bytes(
     return Decoded(array=arr, digest=digest)
 
 
+_ORIENTATION = 0x0112  # EXIF tag
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation (1..8) of a Pillow image, 1 when absent or unreadable."""
+    try:
+        o = int(im.getexif().get(_ORIENTATION, 1))
+    except Exception:
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def upright(im):
+    """``im`` with its EXIF orientation applied (``ImageOps.exif_transpose``); itself when upright."""
+    if exif_orientation(im) == 1:
+        return im
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
+
+
 def _to_rgb(im):
     """Pillow image -> RGB. 16-bit grayscale (``I;16*``, or ``I`` holding 0..65535) is scaled to
     8 bits (``/ 257``) instead of Pillow's clipping; every other mode uses ``convert("RGB")``."""
@@ -208,6 +252,33 @@ def file_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+class NotARegularFile(OSError):
+    """The path names a FIFO, socket, device or folder: never read (a FIFO would block forever)."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "unknown kind")
+        raise NotARegularFile(f"not a regular file ({kind})")
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (symlinks followed). Opened non-blocking and checked with
+    ``fstat`` before reading, so a FIFO or device is refused (NotARegularFile), never waited on."""
+    _require_regular(os.stat(path).st_mode)  # sockets cannot even be opened: name them first
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _require_regular(os.fstat(fd).st_mode)  # what was opened, should the path have changed
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def decode_file(
     path: str | os.PathLike | None,
     *,
@@ -224,10 +295,11 @@ def decode_file(
     if path is None:
         return Decoded(error=missing or "missing file")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path)
     except FileNotFoundError:
         return Decoded(error=missing or "missing file")
+    except NotARegularFile as e:
+        return Decoded(error=f"unreadable: {e}")
     except OSError as e:
         return Decoded(error=f"unreadable: {type(e).__name__}: {_one_line(e.strerror or e)}")
     if not data:
@@ -252,6 +324,8 @@ def _cached_size(data: bytes, digest: str, resize, max_pixels, probe) -> tuple[i
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:  # header only
                 w, h = im.size
+                if exif_orientation(im) in (5, 6, 7, 8):  # rotated by 90 degrees once upright
+                    w, h = h, w
     except Exception:
         return None
     if w * h > limit:
@@ -356,8 +430,42 @@ def iter_windows(dataset, window: int, workers: int = 0, prefetch: int = 2) -> I
         collate_fn=_as_list,
         prefetch_factor=prefetch,
         persistent_workers=False,
+        worker_init_fn=stop_with_parent,
     )
     yield from loader
+
+
+def stop_with_parent(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the worker is killed when its parent dies (SIGKILL, SIGTERM,
+    a crash), so no decoding process outlives the run holding pipes open. Linux: the kernel's
+    ``PR_SET_PDEATHSIG``; elsewhere a daemon thread polls the parent's pid once a second."""
+    import multiprocessing
+    import signal
+    import sys
+    import threading
+    import time
+
+    parent = multiprocessing.parent_process()
+    ppid = parent.pid if parent is not None else os.getppid()
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != ppid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+
+        def watch():
+            while os.getppid() == ppid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="lpips-fast-parent-watch", daemon=True).start()
 
 
 def bucket_by_size(items, key) -> dict[tuple, list]:

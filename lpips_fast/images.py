@@ -15,11 +15,17 @@ __all__ = ["load_image", "im2tensor", "tensor2im", "normalize_tensor"]
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as an HxWx3 uint8 RGB array (grayscale and RGBA become RGB)."""
+    """Read an image file as an HxWx3 uint8 RGB array (grayscale and RGBA become RGB).
+
+    An EXIF orientation tag is applied (``PIL.ImageOps.exif_transpose``), as the reference's
+    OpenCV-based ``load_image`` does: a photo stored rotated with a tag loads upright.
+    """
     from PIL import Image
 
+    from .data import upright
+
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return np.asarray(upright(im).convert("RGB"), dtype=np.uint8).copy()
 
 
 def im2tensor(image: np.ndarray, imtype=np.uint8, cent: float = 1.0, factor: float = 255.0 / 2.0) -> torch.Tensor:
