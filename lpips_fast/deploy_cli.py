@@ -94,6 +94,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- tune --------------------------------------------------------------------------------------
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import PRECISIONS, select_precision
+
+    cands = args.candidates or list(PRECISIONS)
+    bad = [c for c in cands if c not in PRECISIONS]
+    if bad:
+        _err(f"lpips-fast tune: error: --candidates: got {bad}, expected names from {', '.join(PRECISIONS)}")
+        return EXIT_USAGE
+    if args.skip:
+        cands = [c for c in cands if c not in args.skip]
+    model = _build_model(args)
+    rep = select_precision(
+        net=args.net, device=args.device, model=model, size=args.size, batch_size=args.batch_size,
+        repeats=args.repeats, candidates=cands, budget={"two_afc": args.min_2afc, "spearman": args.min_spearman},
+    )
+    print(rep.markdown())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rep.to_dict(), f, indent=2)
+    return EXIT_OK
+
+
+# -- compare -----------------------------------------------------------------------------------
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import os
+
+    from .compare import Config, compare
+
+    try:
+        a, b = Config.parse(args.a), Config.parse(args.b)
+    except (ValueError, RuntimeError) as e:
+        _err(f"lpips-fast compare: error: A/B: {e}")
+        return EXIT_USAGE
+    if len(args.pairs) == 2 and all(os.path.isdir(x) for x in args.pairs):
+        src = {"dirs": tuple(args.pairs)}
+    elif len(args.pairs) == 1 and os.path.isfile(args.pairs[0]):
+        src = {"pairs": args.pairs[0]}
+    else:
+        _err(f"lpips-fast compare: error: PAIRS: got {args.pairs}, expected two folders (DIR0 DIR1) or one pairs file")
+        return EXIT_USAGE
+    try:
+        rep = compare(a, b, triplets=args.triplets, batch_size=args.batch_size, top=args.top, **src)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        _err(f"lpips-fast compare: error: {e}")
+        return EXIT_USAGE
+    print(rep.markdown())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rep.to_dict(include_scores=args.json_scores), f, indent=2)
+    if args.plot:
+        rep.plot(args.plot)
+    return EXIT_OK
+
+
 def add_commands(subparsers) -> None:
     """Register ``export``, ``tune`` and ``compare`` on an argparse sub-parsers object."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -126,6 +181,9 @@ def add_commands(subparsers) -> None:
     a.add_argument("--check", action="store_true",
                    help="load the package and compare with LPIPS on photographs; fail above 1e-5")
     a.set_defaults(func=_cmd_export)
+
+    _add_compare(subparsers)
+    _add_tune(subparsers)
 
 
 # -- weights register (hooked into lpips_fast.weights.cli) ---------------------------------------
@@ -168,3 +226,48 @@ def registry_rows() -> list[dict]:
     from .registry import inventory
 
     return inventory()
+
+
+def _add_compare(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    c = subparsers.add_parser(
+        "compare", help="A/B report of two metric configurations on the same pairs", formatter_class=fmt,
+        description="Score the same pairs with two configurations and report Pearson/Spearman/Kendall, max/mean\n"
+                    "absolute difference, 2AFC agreement (with --triplets), the largest disagreements and latency\n"
+                    "per batch with a bootstrap 95% interval on the ratio B/A.\n\n"
+                    "A configuration is key=value items: net, version, lin (a registered set), dtype\n"
+                    "(float32|float16|bfloat16), backend (auto|cpp|torch|triton), device; a bare first item is the net.\n\n"
+                    "  lpips-fast compare alex alex,version=0.0 examples/clean examples/distorted --json ab.json",
+    )
+    c.add_argument("a", metavar="A", help="configuration A, e.g. net=alex,version=0.1")
+    c.add_argument("b", metavar="B", help="configuration B, e.g. net=alex,lin=mine@2")
+    c.add_argument("pairs", metavar="PAIRS", nargs="+", help="DIR0 DIR1 (same relative paths) or a pairs file (two paths a line)")
+    c.add_argument("--triplets", default=None, metavar="FILE", help="'ref p0 p1' lines: report 2AFC agreement")
+    c.add_argument("--batch-size", type=int, default=16, help="pairs per timed batch (default: 16)")
+    c.add_argument("--top", type=int, default=10, help="how many largest disagreements to list (default: 10)")
+    c.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    c.add_argument("--json-scores", action="store_true", help="include every pair's two scores in the JSON")
+    c.add_argument("--plot", default=None, metavar="OUT.png", help="scatter + difference histogram (matplotlib)")
+    c.set_defaults(func=_cmd_compare)
+
+
+def _add_tune(subparsers) -> None:
+    t = subparsers.add_parser(
+        "tune", help="measure fp32/bf16/fp16/channels_last/AOTI/int8 here and pick the fastest within an accuracy budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time each way of running LPIPS on this device and measure its accuracy against the exact fp32\n"
+                    "module on generated distortions of photographs (max/mean abs error, Spearman, 2AFC agreement);\n"
+                    "choose the fastest within the budget.\n\n  lpips-fast tune --net alex --skip aoti --json tune.json",
+    )
+    _model_args(t)
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    t.add_argument("--size", type=_hw, default=(64, 64), metavar="HxW", help="image size (default: 64x64)")
+    t.add_argument("--batch-size", type=int, default=16, help="pairs per batch (default: 16)")
+    t.add_argument("--repeats", type=int, default=3, help="timed passes per row; the median counts (default: 3)")
+    t.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                   help="rows to try (default: all: fp32 fp32-nchw bf16 bf16-nchw fp16 fp16-nchw aoti int8)")
+    t.add_argument("--skip", nargs="+", default=None, metavar="NAME", help="rows to leave out (e.g. aoti: ~1 min compile)")
+    t.add_argument("--min-2afc", type=float, default=0.99, help="budget: 2AFC agreement with fp32 (default: 0.99)")
+    t.add_argument("--min-spearman", type=float, default=0.999, help="budget: Spearman with fp32 (default: 0.999)")
+    t.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
+    t.set_defaults(func=_cmd_tune)
