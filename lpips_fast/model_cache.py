@@ -29,8 +29,15 @@ def _read(option: str, path: str) -> dict[str, torch.Tensor]:
 
     try:
         return read_checkpoint(path)
-    except Exception as e:  # missing, not a checkpoint, refused pickle...
-        raise OptionError(f"{option}: {path}: {' '.join(str(e).split())} (expected a weights file: .safetensors or a torch state dict)") from None
+    except FileNotFoundError:
+        raise OptionError(f"{option}: {path} does not exist (expected a weights file)") from None
+    except Exception as e:  # not a checkpoint, a refused pickle, not a mapping of tensors...
+        why = " ".join(str(e).split())
+        why = why if len(why) <= 160 else why[:160] + "..."
+        raise OptionError(
+            f"{option}: {path} is not a readable weights file ({type(e).__name__}: {why}); "
+            "expected .safetensors or a torch state dict"
+        ) from None
 
 
 def _load_trunk(model, path: str) -> None:
