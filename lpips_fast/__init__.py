@@ -30,6 +30,8 @@ _LAZY = {
     "evaluate_pairs": "evaluate",
     "score_2afc": "training",
     "score_jnd": "training",
+    "compare": "compare",
+    "select_precision": "tune",
 }
 
 __all__ = [
