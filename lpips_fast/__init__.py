@@ -30,7 +30,7 @@ _LAZY = {
     "evaluate_pairs": "evaluate",
     "score_2afc": "training",
     "score_jnd": "training",
-    "compare": "compare",
+    "compare": "comparison",
     "select_precision": "tune",
 }
 

@@ -121,7 +121,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from .compare import Config, compare
+    from .comparison import Config, compare
 
     try:
         a, b = Config.parse(args.a), Config.parse(args.b)

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .compare import spearman
+from .comparison import spearman
 from .model import LPIPS
 
 __all__ = ["select_precision", "TuneReport", "TuneRow", "engine_kwargs", "PRECISIONS", "DEFAULT_BUDGET", "generated_pairs"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import lpips_fast
-from lpips_fast.compare import Config, compare, kendall_tau_b, pearson, spearman
+from lpips_fast.comparison import Config, compare, kendall_tau_b, pearson, spearman
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
 
@@ -83,6 +83,10 @@ def test_v00_vs_v01_known_difference(photo_set, tmp_path):
     assert "Spearman" in md and "Largest disagreements" in md
     rep.plot(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_top_level_name_is_the_function():
+    assert lpips_fast.compare is compare and callable(lpips_fast.compare)
 
 
 def test_statistics_against_definitions():

@@ -1,6 +1,6 @@
 """A/B comparison of two metric configurations on the same image pairs.
 
-    from lpips_fast import compare
+    from lpips_fast import compare           # the function (module: lpips_fast.comparison)
     rep = compare("net=alex,version=0.1", "net=alex,version=0.0", dirs=("out/", "gt/"))
     print(rep.markdown())
 
