@@ -353,3 +353,40 @@ def test_split_routing_shares_and_errors(tmp_path):
         arms(serve_models="a=alex,b=vgg", serve_split="a=1,c=1")
     with pytest.raises(SettingsError, match=r"serve\.models: arm 'b' from flag --x"):
         arms(serve_models="a=alex,b=resnet")
+
+
+def test_readme_serve_example_runs_as_written(tmp_path):
+    """The README's curl session, on a free port (pretrained alex, as written)."""
+    import re
+    import shutil
+
+    from lpips_fast import weights
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    try:
+        weights.trunk_state_dict("alex")
+    except FileNotFoundError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("pretrained alex trunk not fetched")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Serve\n", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if "lpips-fast serve" in b)
+    port = str(_free_port())
+    script = "set -e\n" + block.replace("8080", port)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True, text=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server, if the script stopped before `kill $!`
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out
+    values = [float(v) for v in re.findall(r'"lpips":([-+0-9.eE]+)', out)]  # curl prints no newline
+    assert len(values) == 2 and values[0] == values[1] and 0 < values[0] < 1, out
+    assert "lpips_fast_pairs_total{" in out
+    assert Path("/tmp/map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
