@@ -12,6 +12,7 @@ from __future__ import annotations
 from .bapps import BappsError, JNDSet, TwoAFCSet, iter_batches, open_2afc, open_jnd, read_rgb, to_input
 from .head import BCERankingLoss, Dist2LogitLayer
 from .scores import jnd_map, score_2afc, score_jnd, score_table, twoafc_agreement, voc_ap
+from .trainer import TrainResult, learning_rates, make_optimizer, save_weights, train, train_step
 
 __all__ = [
     "BappsError",
@@ -30,4 +31,10 @@ __all__ = [
     "twoafc_agreement",
     "jnd_map",
     "voc_ap",
+    "train",
+    "TrainResult",
+    "train_step",
+    "make_optimizer",
+    "learning_rates",
+    "save_weights",
 ]

@@ -12,7 +12,9 @@ each (blur, noise, JPEG, contrast, colour shift, pixelation, each at a random st
 - JND: ``same = 1[d < median(d)]`` with ``temperature=0``, else
   ``sigmoid((median(d) - d) / temperature)``, with ``d`` the teacher distance of the pair.
 
-A teacher's own 2AFC score on its hard-judged set is therefore 1.0.
+A teacher's own 2AFC score on its hard-judged set is therefore 1.0. With ``max_gap`` only
+triplets whose two teacher distances are close are kept: on those the choice depends on how the
+metric weighs the trunk's channels, which is what training the lin layers can learn.
 """
 
 from __future__ import annotations
@@ -163,21 +165,39 @@ def make_2afc(
     size: int = 64,
     teacher=None,
     temperature: float = 0.0,
+    max_gap: float | None = None,
     seed: int = 0,
 ) -> str:
     """Write an ``n``-triplet 2AFC folder (``ref/ p0/ p1/ judge/``) judged by ``teacher``; returns ``out``.
 
     ``teacher``: an ``LPIPS`` module (default: pretrained alex v0.1), or ``fn(a, b) -> (B,)``
-    distances for (B,H,W,3) uint8 batches.
+    distances for (B,H,W,3) uint8 batches. ``max_gap``: keep only triplets the teacher finds
+    hard, ``|d0 - d1| <= max_gap * max(d0, d1)`` (candidates are drawn until ``n`` are kept).
     """
     _check(n, size, temperature)
+    if max_gap is not None and not 0 < max_gap <= 1:
+        raise ValueError(f"max_gap: got {max_gap!r}, expected a float in (0, 1] or None")
     rng = np.random.default_rng(seed)
     srcs = load_sources(sources)
-    ref = np.stack([_crop(srcs[int(rng.integers(len(srcs)))], size, rng) for _ in range(n)])
-    p0 = np.stack([_random_distortion(r, rng) for r in ref])
-    p1 = np.stack([_random_distortion(r, rng) for r in ref])
     fn = _teacher_fn(teacher)
-    d0, d1 = _distances(fn, ref, p0), _distances(fn, ref, p1)
+    parts: list[tuple[np.ndarray, ...]] = []
+    have = 0
+    for _ in range(200):
+        m = n - have if max_gap is None else max(16, 2 * (n - have))
+        ref = np.stack([_crop(srcs[int(rng.integers(len(srcs)))], size, rng) for _ in range(m)])
+        p0 = np.stack([_random_distortion(r, rng) for r in ref])
+        p1 = np.stack([_random_distortion(r, rng) for r in ref])
+        d0, d1 = _distances(fn, ref, p0), _distances(fn, ref, p1)
+        if max_gap is not None:
+            keep = np.abs(d0 - d1) <= max_gap * np.maximum(np.maximum(d0, d1), 1e-12)
+            ref, p0, p1, d0, d1 = ref[keep], p0[keep], p1[keep], d0[keep], d1[keep]
+        parts.append((ref, p0, p1, d0, d1))
+        have += len(ref)
+        if have >= n:
+            break
+    else:
+        raise ValueError(f"max_gap: {max_gap} keeps too few triplets ({have} of {n} wanted); use a larger gap")
+    ref, p0, p1, d0, d1 = (np.concatenate(c)[:n] for c in zip(*parts))
     if temperature == 0:
         judge = (d1 < d0) * 1.0 + (d1 == d0) * 0.5
     else:

@@ -1,0 +1,410 @@
+"""``train()``: fit LPIPS lin weights to 2AFC judgments with the reference's recipe, faster.
+
+The recipe (lpips 0.1.4 ``lpips.Trainer`` and PerceptualSimilarity's ``train.py``):
+
+- trunk frozen (``pnet_tune=True`` trains it too), lin layers with dropout (p = 0.5) on the
+  squared unit-feature differences, started from the default conv initialisation (``init=
+  'random'``) or from a weight set (``'packaged'``, ``'uniform'``, or a file);
+- per batch: ``d0 = LPIPS(ref, p0)``, ``d1 = LPIPS(ref, p1)``, the ranking head
+  ``Dist2LogitLayer(d0, d1)`` and the binary cross-entropy against the judge;
+- Adam (lr 1e-4, betas (0.5, 0.999)) over the lin weights, the head (and the trunk when tuned);
+  after each step every lin weight is clamped to >= 0;
+- ``epochs`` epochs at the base rate, then ``decay_epochs`` more, the rate lowered by
+  ``lr / decay_epochs`` after each of them (the reference's ``update_learning_rate``, called
+  after every epoch past ``epochs``);
+- shuffled batches of 50.
+
+What is faster here: with a frozen trunk its features are computed once per image, in batches
+of ref, p0 and p1 together, and kept for every epoch (``cache_features``); each step is then only
+the distance step (the fused op with its weight gradient when ``dropout=False``; with dropout the
+mask is drawn on the materialised difference in the reference's element order) and the head.
+The reference runs the trunk twice on ref and once on p0/p1 every step, and backpropagates
+through it to the inputs.
+
+Checkpoints: after every epoch the state (lin, head and trunk weights when tuned, Adam moments,
+learning rate, random-number state, history) is written atomically to ``checkpoint``; a run
+started again with the same arguments continues from the last finished epoch and ends with the
+same weights as an uninterrupted run. The shuffling of epoch ``e`` depends only on
+``(seed, e)`` and dropout draws from the saved generator state.
+
+One deliberate difference: the reference clamps every 1x1 convolution in the LPIPS module,
+which for ``net='squeeze'`` includes the trunk's Fire-module convolutions (changing the
+"frozen" trunk); here only the lin weights are clamped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bapps import BappsError, TwoAFCSet, iter_batches, open_2afc, to_input
+from .head import Dist2LogitLayer
+from .scores import score_2afc, twoafc_agreement
+
+__all__ = ["train", "TrainResult", "train_step", "make_optimizer", "learning_rates", "save_weights", "INIT_CHOICES", "UNIFORM_WEIGHT"]
+
+INIT_CHOICES = ("random", "uniform", "packaged")
+UNIFORM_WEIGHT = 0.1
+CHECKPOINT_FORMAT = "lpips_fast.train_checkpoint.v1"
+WEIGHTS_FORMAT = "lpips_fast.lin_weights.v1"
+
+
+@dataclass
+class TrainResult:
+    """What ``train()`` returns: the trained model (eval mode), its head, per-epoch history."""
+
+    model: torch.nn.Module
+    head: Dist2LogitLayer
+    history: list[dict] = field(default_factory=list)
+    train_2afc: float = float("nan")
+    val_2afc: float | None = None
+    out: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+# -- the step --------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, head: torch.nn.Module, lr: float = 1e-4, beta1: float = 0.5) -> torch.optim.Adam:
+    """Adam over the trainable LPIPS parameters (lin weights; the trunk when tuned) and the head."""
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999))
+
+
+def train_step(
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    feats_ref: Sequence[torch.Tensor],
+    feats_p0: Sequence[torch.Tensor],
+    feats_p1: Sequence[torch.Tensor],
+    judge: torch.Tensor,
+) -> dict:
+    """One optimisation step on a batch of trunk features; returns ``loss`` and ``acc`` (floats).
+
+    ``model`` is an ``lpips_fast.LPIPS`` in train mode (dropout active if it was built with
+    ``use_dropout=True``); ``judge`` holds the fractions preferring p1, shape (B,) or (B,1,1,1).
+    """
+    d0 = model.distances(feats_ref, feats_p0, spatial=False)
+    d1 = model.distances(feats_ref, feats_p1, spatial=False)
+    target = judge.reshape(d0.shape).to(d0.dtype)
+    loss = F.binary_cross_entropy(head(d0, d1), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for w in model.lin_weights():
+            w.clamp_(min=0)
+        lt = (d1 < d0).to(target.dtype)
+        acc = (lt * target + (1 - lt) * (1 - target)).mean()
+    return {"loss": float(loss.detach()), "acc": float(acc)}
+
+
+def learning_rates(lr: float, epochs: int, decay_epochs: int) -> list[float]:
+    """The rate used in each epoch (reference order of float operations: repeated subtraction)."""
+    out, cur = [], lr
+    for e in range(1, epochs + decay_epochs + 1):
+        out.append(cur)
+        if e > epochs:
+            cur = cur - lr / decay_epochs
+    return out
+
+
+# -- features ----------------------------------------------------------------------------------
+class _FeatureStore:
+    """Trunk features of every ref/p0/p1 image, computed once (frozen trunk)."""
+
+    def __init__(self, model, data: TwoAFCSet, batch_size: int, workers: int, device, progress) -> None:
+        self.sides: list[list[torch.Tensor]] | None = None
+        shape = None
+        with torch.no_grad(), _bar(len(data), "trunk features", progress) as bar:
+            for rows, imgs in iter_batches(data, batch_size, workers=workers):
+                if shape is None:
+                    shape = imgs.shape[2:]
+                elif imgs.shape[2:] != shape:
+                    raise BappsError(
+                        f"training needs one image size after resizing, got {shape[1]}x{shape[0]} and "
+                        f"{imgs.shape[3]}x{imgs.shape[2]} (e.g. {data.p0[int(rows[0])]})"
+                    )
+                k, b = imgs.shape[:2]
+                feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+                if self.sides is None:
+                    self.sides = [[torch.empty((len(data),) + tuple(f.shape[1:]), dtype=torch.float32, device=device)
+                                   for f in feats] for _ in range(k)]
+                idx = torch.as_tensor(rows, device=device)
+                for s in range(k):
+                    for store, f in zip(self.sides[s], feats):
+                        store.index_copy_(0, idx, f[s * b:(s + 1) * b].float().contiguous())
+                bar.update(len(rows))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for side in self.sides for t in side)
+
+    def batches(self, order: np.ndarray, batch_size: int):
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo:lo + batch_size]
+            idx = torch.as_tensor(rows, device=self.sides[0][0].device)
+            yield rows, [[t.index_select(0, idx) for t in side] for side in self.sides]
+
+
+def _streamed_batches(model, data, order, batch_size, workers, device):
+    """Decode and run the trunk per batch (trunk tuned, or no cache); gradients as the trunk needs."""
+    for rows, imgs in iter_batches(data, batch_size, indices=order, workers=workers):
+        k, b = imgs.shape[:2]
+        feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+        yield rows, [[f[s * b:(s + 1) * b] for f in feats] for s in range(k)]
+
+
+def _bar(total: int, desc: str, progress: bool | None):
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+
+
+# -- set-up ------------------------------------------------------------------------------------
+def _build_model(net, version, init, pnet_rand, pnet_tune, dropout, trunk_path, device):
+    from ..model import LPIPS
+
+    packaged = init == "packaged"
+    model = LPIPS(pretrained=packaged, net=net, version=version, pnet_rand=pnet_rand, pnet_tune=pnet_tune,
+                  use_dropout=dropout, eval_mode=False, trunk_path=trunk_path)
+    if init == "uniform":
+        with torch.no_grad():
+            for w in model.lin_weights():
+                w.fill_(UNIFORM_WEIGHT)
+    elif init not in INIT_CHOICES:
+        path = os.fspath(init)
+        if not os.path.isfile(path):
+            raise ValueError(f"init: got {init!r}, expected one of {INIT_CHOICES} or a lin-weights file")
+        model = LPIPS(pretrained=True, net=net, version=version, pnet_rand=pnet_rand, pnet_tune=pnet_tune,
+                      use_dropout=dropout, eval_mode=False, trunk_path=trunk_path, model_path=path)
+    return model.to(device)
+
+
+def _config(**kw) -> dict:
+    return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in kw.items()}
+
+
+def _check_args(epochs, decay_epochs, batch_size, lr, beta1):
+    for name, v, lo in (("epochs", epochs, 0), ("decay_epochs", decay_epochs, 0), ("batch_size", batch_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: got {v!r}, expected an int >= {lo}")
+    if epochs + decay_epochs < 1:
+        raise ValueError(f"epochs + decay_epochs: got {epochs} + {decay_epochs}, expected at least one epoch")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr: got {lr!r}, expected a positive float")
+    if not (isinstance(beta1, (int, float)) and 0 <= beta1 < 1):
+        raise ValueError(f"beta1: got {beta1!r}, expected a float in [0, 1)")
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _trainable_state(model, head, pnet_tune: bool) -> dict[str, torch.Tensor]:
+    sd = {f"lin{k}.model.1.weight": lin.weight for k, lin in enumerate(model.lins)}
+    if pnet_tune:
+        sd.update({f"net.{k}": v for k, v in model.net.state_dict().items()})
+    sd.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    return sd
+
+
+def _save_checkpoint(path, model, head, optimizer, pnet_tune, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _trainable_state(model, head, pnet_tune).items()}
+    for i, st in optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous().clone()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"format": CHECKPOINT_FORMAT, "state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, model, head, optimizer, pnet_tune, config: dict) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        md = f.metadata() or {}
+        if md.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint: {path} is not a training checkpoint (format {md.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(md["state"])
+    diff = sorted(k for k in set(config) | set(meta["config"]) if config.get(k) != meta["config"].get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {meta['config'].get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"checkpoint: {path} was written by a run with other settings ({detail}); "
+            "pass the same settings, another checkpoint path, or resume=False to start over"
+        )
+    with torch.no_grad():
+        for k, v in _trainable_state(model, head, pnet_tune).items():
+            v.copy_(tensors[k])
+    sd = optimizer.state_dict()
+    state = {}
+    for i in sd["param_groups"][0]["params"]:
+        names = {k.split(".", 2)[2] for k in tensors if k.startswith(f"optim.{i}.")}
+        if names:
+            state[i] = {n: tensors[f"optim.{i}.{n}"] for n in names}
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.cpu"])
+    dev = next(model.parameters()).device
+    if dev.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+    return meta
+
+
+def save_weights(path, model, metadata: dict, include_trunk: bool = False) -> str:
+    """Write the lin weights (and the trunk when tuned) as safetensors with string ``metadata``."""
+    from safetensors.torch import save_file
+
+    sd = {f"lin{k}.model.1.weight": lin.weight.detach().cpu().contiguous().clone() for k, lin in enumerate(model.lins)}
+    if include_trunk:
+        sd.update({f"net.{k}": v.detach().cpu().contiguous().clone() for k, v in model.net.state_dict().items()})
+    md = {"format": WEIGHTS_FORMAT}
+    md.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(sd, tmp, metadata=md)
+    os.replace(tmp, path)
+    return path
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train(
+    dirs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    net: str = "alex",
+    version: str = "0.1",
+    epochs: int = 5,
+    decay_epochs: int = 5,
+    batch_size: int = 50,
+    lr: float = 1e-4,
+    beta1: float = 0.5,
+    init: str | os.PathLike = "random",
+    dropout: bool = True,
+    pnet_rand: bool = False,
+    pnet_tune: bool = False,
+    trunk_path: str | os.PathLike | None = None,
+    cache_features: bool = True,
+    out: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = True,
+    val_dirs: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    seed: int = 0,
+    load_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train LPIPS lin weights (and the ranking head) on the 2AFC folders ``dirs``.
+
+    Returns a ``TrainResult``; with ``out`` the weights are also written as safetensors that
+    ``LPIPS(model_path=out)`` loads, with the training set, epochs and final 2AFC score in its
+    metadata. ``checkpoint`` (default ``out + '.ckpt'`` when ``out`` is given) is rewritten after
+    every epoch and resumed from when ``resume`` is true. ``on_epoch_end(epoch, row)`` is called
+    after each epoch's checkpoint is written.
+    """
+    from .. import __version__
+
+    _check_args(epochs, decay_epochs, batch_size, lr, beta1)
+    data = open_2afc(dirs, load_size)
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if checkpoint is None and out is not None:
+        checkpoint = os.fspath(out) + ".ckpt"
+    say = log or (lambda m: None)
+    config = _config(
+        datasets=list(data.roots), triplets=len(data), net=net, version=version, epochs=epochs,
+        decay_epochs=decay_epochs, batch_size=batch_size, lr=lr, beta1=beta1, init=os.fspath(init),
+        dropout=dropout, pnet_rand=pnet_rand, pnet_tune=pnet_tune, seed=seed, load_size=load_size,
+    )
+    rates = learning_rates(float(lr), epochs, decay_epochs)
+    total = epochs + decay_epochs
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = _build_model(net, version, init, pnet_rand, pnet_tune, dropout, trunk_path, dev)
+        head = Dist2LogitLayer().to(dev)
+        optimizer = make_optimizer(model, head, lr, beta1)
+        history: list[dict] = []
+        start = 1
+        if checkpoint is not None and resume and os.path.exists(checkpoint):
+            meta = _load_checkpoint(checkpoint, model, head, optimizer, pnet_tune, config)
+            history = meta["history"]
+            start = meta["epoch"] + 1
+            say(f"resuming from {checkpoint} after epoch {meta['epoch']}")
+
+        store = None
+        if cache_features and not pnet_tune and start <= total:
+            t0 = time.perf_counter()
+            model.eval()
+            store = _FeatureStore(model, data, batch_size, workers, dev, progress)
+            say(f"trunk features of {3 * len(data)} images cached ({store.nbytes() / 2**20:.1f} MiB) "
+                f"in {time.perf_counter() - t0:.1f} s")
+
+        for epoch in range(start, total + 1):
+            t0 = time.perf_counter()
+            for g in optimizer.param_groups:
+                g["lr"] = rates[epoch - 1]
+            model.train()
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
+            batches = (store.batches(order, batch_size) if store is not None
+                       else _streamed_batches(model, data, order, batch_size, workers, dev))
+            losses, accs, counts = [], [], []
+            with _bar(len(data), f"epoch {epoch}/{total}", progress) as bar:
+                for rows, (fr, f0, f1) in batches:
+                    judge = torch.as_tensor(data.judge[rows], device=dev)
+                    r = train_step(model, head, optimizer, fr, f0, f1, judge)
+                    losses.append(r["loss"])
+                    accs.append(r["acc"])
+                    counts.append(len(rows))
+                    bar.update(len(rows))
+            w = np.asarray(counts, dtype=np.float64)
+            row = {"epoch": epoch, "lr": rates[epoch - 1], "loss": float(np.dot(losses, w) / w.sum()),
+                   "acc": float(np.dot(accs, w) / w.sum()), "seconds": time.perf_counter() - t0}
+            history.append(row)
+            say(f"epoch {epoch}/{total}: loss {row['loss']:.4f}, train agreement {row['acc']:.4f}, "
+                f"lr {row['lr']:.3g}, {row['seconds']:.2f} s")
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, model, head, optimizer, pnet_tune,
+                                 {"config": config, "epoch": epoch, "history": history})
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+
+        model.eval()
+        if store is not None:
+            with torch.no_grad():
+                d0 = model.distances(store.sides[0], store.sides[1], spatial=False).flatten().cpu().numpy()
+                d1 = model.distances(store.sides[0], store.sides[2], spatial=False).flatten().cpu().numpy()
+            train_2afc = float(np.mean(twoafc_agreement(d0, d1, data.judge)))
+        else:
+            train_2afc = score_2afc(model, data.roots, load_size=load_size, batch_size=batch_size,
+                                    workers=workers, device=dev, progress=progress)
+    val_2afc = None
+    if val_dirs is not None:
+        val_2afc = score_2afc(model, val_dirs, load_size=load_size, batch_size=batch_size, workers=workers,
+                              device=dev, progress=progress)
+    metadata = {
+        "net": net, "version": model.version, "train_datasets": list(data.roots), "triplets": len(data),
+        "epochs": epochs, "decay_epochs": decay_epochs, "batch_size": batch_size, "lr": lr, "init": os.fspath(init),
+        "dropout": dropout, "pnet_tune": pnet_tune, "seed": seed, "final_2afc": train_2afc,
+        "lpips_fast_version": __version__,
+    }
+    if val_2afc is not None:
+        metadata["val_datasets"] = [os.fspath(d) for d in ([val_dirs] if isinstance(val_dirs, (str, os.PathLike)) else val_dirs)]
+        metadata["val_2afc"] = val_2afc
+    path = save_weights(out, model, metadata, include_trunk=pnet_tune) if out is not None else None
+    return TrainResult(model=model, head=head, history=history, train_2afc=train_2afc, val_2afc=val_2afc,
+                       out=path, metadata=metadata)

@@ -1,0 +1,192 @@
+"""Training: steps equal to the reference ``lpips.Trainer``, the schedule, resume, the output file,
+and recovery of a teacher's judgments."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import lpips_fast
+from lpips_fast.training import (
+    Dist2LogitLayer,
+    learning_rates,
+    make_optimizer,
+    open_2afc,
+    score_2afc,
+    synthetic,
+    to_input,
+    train,
+    train_step,
+)
+from lpips_fast.training.bapps import iter_batches
+
+
+def _sources():
+    skd = pytest.importorskip("skimage.data")
+    return [skd.astronaut(), skd.chelsea(), skd.coffee(), skd.rocket()]
+
+
+def _sparse_teacher(seed=0):
+    teacher = lpips_fast.LPIPS(net="alex")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in teacher.lin_weights():
+            w.copy_(torch.rand(w.shape, generator=g).pow(8))
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def hard_set(tmp_path_factory):
+    """64 triplets on which a sparse random teacher and the uniform metric often disagree."""
+    root = tmp_path_factory.mktemp("teach")
+    synthetic.make_2afc(root / "train", _sources(), n=64, teacher=_sparse_teacher(), max_gap=0.3, seed=3)
+    return root / "train"
+
+
+def _reference_trainer():
+    """lpips.Trainer in training mode on a random trunk (no download), then our alex trunk loaded."""
+    import lpips
+
+    from lpips_fast import weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = lpips.Trainer()
+        tr.initialize(model="lpips", net="alex", use_gpu=False, is_train=True, pnet_rand=True)
+    tmp = lpips_fast.nets.build_trunk("alex")
+    tmp.load_torchvision_features(weights.trunk_state_dict("alex"))
+    tr.net.net.load_state_dict(tmp.state_dict())
+    return tr
+
+
+def _batch(data, rows):
+    _, imgs = next(iter_batches(data, len(rows), indices=rows))
+    ref, p0, p1 = (to_input(imgs[k]) for k in range(3))
+    judge = torch.as_tensor(data.judge[rows]).view(-1, 1, 1, 1)
+    return ref, p0, p1, judge
+
+
+def test_steps_equal_reference_trainer(hard_set):
+    tr = _reference_trainer()
+    model = lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True, use_dropout=True, eval_mode=False)
+    model.load_state_dict(tr.net.state_dict())
+    head = Dist2LogitLayer()
+    head.load_state_dict(tr.rankLoss.net.state_dict())
+    opt = make_optimizer(model, head, lr=1e-4, beta1=0.5)
+
+    data = open_2afc(hard_set)
+    for step, rows in enumerate([list(range(0, 12)), list(range(12, 24)), list(range(30, 50))]):
+        if step == 2:
+            # Every weight in play (the random start loses about half to the first clamp).
+            with torch.no_grad():
+                for k, lin in enumerate(model.lins):
+                    lin.weight.add_(0.05)
+                    tr.net.lins[k].model[1].weight.add_(0.05)
+        ref, p0, p1, judge = _batch(data, rows)
+        torch.manual_seed(100 + step)  # the same dropout masks on both sides
+        tr.set_input({"ref": ref, "p0": p0, "p1": p1, "judge": judge})
+        tr.optimize_parameters()
+        torch.manual_seed(100 + step)
+        b = len(rows)
+        with torch.no_grad():
+            feats = model.features(torch.cat([ref, p0, p1]))
+        fr, f0, f1 = ([f[i * b:(i + 1) * b] for f in feats] for i in range(3))
+        out = train_step(model, head, opt, fr, f0, f1, judge)
+        assert out["loss"] == pytest.approx(float(tr.loss_total.detach()), abs=1e-6)
+        for k, lin in enumerate(model.lins):
+            torch.testing.assert_close(lin.weight, tr.net.lins[k].model[1].weight, rtol=0, atol=1e-6)
+        for (name, a), (_, r) in zip(head.state_dict().items(), tr.rankLoss.net.state_dict().items()):
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-6, msg=name)
+    assert all(float(lin.weight.min()) >= 0 for lin in model.lins)
+    assert sum(int((lin.weight > 0).sum()) for lin in model.lins) > 1000  # of 1152
+
+
+def test_learning_rates_follow_reference_decay():
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = lpips.Trainer()
+        tr.initialize(model="lpips", net="alex", use_gpu=False, is_train=True, pnet_rand=True, lr=3e-4)
+    want = []
+    for epoch in range(1, 5 + 3 + 1):
+        want.append(tr.optimizer_net.param_groups[0]["lr"])
+        if epoch > 5:
+            tr.update_learning_rate(3)
+    assert learning_rates(3e-4, 5, 3) == want
+
+
+def test_resume_after_a_kill_gives_the_same_weights(hard_set, tmp_path):
+    kw = dict(epochs=1, decay_epochs=2, batch_size=32, lr=1e-3, init="uniform", seed=5)
+    full = train(hard_set, out=tmp_path / "full.safetensors", **kw)
+
+    class Killed(Exception):
+        pass
+
+    def die(epoch, row):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(hard_set, out=tmp_path / "part.safetensors", on_epoch_end=die, **kw)
+    assert not (tmp_path / "part.safetensors").exists()
+    assert (tmp_path / "part.safetensors.ckpt").exists()
+    resumed = train(hard_set, out=tmp_path / "part.safetensors", **kw)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for a, b in zip(full.model.lin_weights(), resumed.model.lin_weights()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.head.state_dict().values(), resumed.head.state_dict().values()):
+        assert torch.equal(a, b)
+    # Different settings against an existing checkpoint: refused, naming the setting.
+    with pytest.raises(ValueError, match=r"batch_size: 32 -> 8"):
+        train(hard_set, out=tmp_path / "part.safetensors", **{**kw, "batch_size": 8})
+
+
+def test_output_loads_with_metadata_and_scores_as_reported(hard_set, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "mine.safetensors"
+    res = train(hard_set, epochs=1, decay_epochs=0, batch_size=32, init="packaged", dropout=False, out=out)
+    with safe_open(out, "pt") as f:
+        md = f.metadata()
+    assert md["net"] == "alex" and md["epochs"] == "1" and md["triplets"] == "64"
+    assert os.fspath(hard_set) in md["train_datasets"]
+    m = lpips_fast.LPIPS(net="alex", model_path=out)
+    for a, b in zip(m.lin_weights(), res.model.lin_weights()):
+        assert torch.equal(a, b)
+        assert float(a.min()) >= 0
+    # The recorded final 2AFC score is the loaded model's score on the training set.
+    assert float(md["final_2afc"]) == pytest.approx(score_2afc(m, hard_set), abs=1e-6)
+
+
+def test_training_recovers_the_teacher(hard_set):
+    uniform = lpips_fast.LPIPS(net="alex", lpips=False)
+    start = score_2afc(uniform, hard_set)
+    res = train(hard_set, epochs=6, decay_epochs=2, batch_size=16, lr=1e-2, init="uniform", dropout=False)
+    assert res.train_2afc >= start + 0.1, (start, res.train_2afc)
+
+
+def test_bad_arguments_name_themselves(hard_set):
+    with pytest.raises(ValueError, match="epochs: got -1"):
+        train(hard_set, epochs=-1)
+    with pytest.raises(ValueError, match="init: got 'nope'"):
+        train(hard_set, init="nope", epochs=1, decay_epochs=0)
+    with pytest.raises(ValueError, match="lr: got 0"):
+        train(hard_set, lr=0)
+
+
+def test_head_matches_reference_head():
+    import lpips
+
+    torch.manual_seed(0)
+    ref = lpips.Dist2LogitLayer()
+    ours = Dist2LogitLayer()
+    ours.load_state_dict(ref.state_dict())
+    d0, d1 = torch.rand(7, 1, 1, 1), torch.rand(7, 1, 1, 1)
+    torch.testing.assert_close(ours(d0, d1), ref(d0, d1), rtol=0, atol=0)
+    assert np.isfinite(ours(d0, d1).detach().numpy()).all()
