@@ -154,28 +154,28 @@ def distance_grads_differentiable(
     layer; zeros where a tensor does not require grad, None where a gradient was not asked for).
     """
     with torch.enable_grad():
+        # Partial derivatives: the composite reads aliases of its inputs, and autograd.grad is
+        # asked about the aliases. (Asked about the inputs themselves it would return total
+        # derivatives, which also follow a trunk's path from one tapped layer to the next.)
+        groups = [
+            [t.view_as(t) for t in ts] for ts in (feats0, feats1, weights or [])
+        ]
+        a0, a1, aw = groups
         if grouped:
-            out = distances_torch(feats0, feats1, weights or [], spatial, eps)
+            out = distances_torch(a0, a1, aw, spatial, eps)
         else:
-            out = distance_torch(feats0[0], feats1[0], weights[0] if weights else None, spatial, eps)
-    groups = [(feats0, need_feats0), (feats1, need_feats1), (weights or [], need_weights)]
-    # Each distinct tensor once: autograd.grad gives a tensor passed twice its whole gradient
-    # twice, which the caller would then add up.
-    wanted: dict[int, torch.Tensor] = {}
-    for ts, need in groups:
-        for t in ts if need else ():
-            if t.requires_grad:
-                wanted.setdefault(id(t), t)
-    found = torch.autograd.grad(out, list(wanted.values()), grad, create_graph=True, allow_unused=True) if wanted else ()
-    pending = {k: g for k, g in zip(wanted, found)}
+            out = distance_torch(a0[0], a1[0], aw[0] if aw else None, spatial, eps)
+    needs = (need_feats0, need_feats1, need_weights)
+    wanted = [t for ts, need in zip(groups, needs) if need for t in ts if t.requires_grad]
+    found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True) if wanted else ())
 
     def grads(ts, need):
         if not need:
             return [None] * max(1, len(ts))
         res = []
         for t in ts:
-            g = pending.pop(id(t), None)
+            g = next(found) if t.requires_grad else None
             res.append(torch.zeros_like(t) if g is None else g)
         return res
 
-    return tuple(grads(ts, need) for ts, need in groups)
+    return tuple(grads(ts, need) for ts, need in zip(groups, needs))
