@@ -30,6 +30,7 @@ _LAZY = {
     "evaluate_pairs": "evaluate",
     "score_2afc": "training",
     "score_jnd": "training",
+    "train": "training",
     "compare": "comparison",
     "select_precision": "tune",
 }

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Command groups that live beside the library layer they drive. Each module defines
 # ``add_commands(subparsers)`` and imports nothing heavy at module level (the parser is built on
 # every invocation); its command functions return an exit status.
-COMMAND_GROUPS = ("lpips_fast.weights.cli", "lpips_fast.deploy_cli", "lpips_fast.serve.cli")
+COMMAND_GROUPS = ("lpips_fast.weights.cli", "lpips_fast.deploy_cli", "lpips_fast.serve.cli", "lpips_fast.training.cli")
 
 
 # -- printing --------------------------------------------------------------------------------
