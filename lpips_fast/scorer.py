@@ -122,12 +122,13 @@ def _as_chw(x: Any, name: str, normalize: bool, max_pixels: int | None) -> torch
         x = x[None]
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise InvalidInput(f"{name}: expected one image (3 or 1, H, W) or (1, 3, H, W), got shape {tuple(x.shape)}", "bad_type")
+    # Few torch calls here: each one releases the GIL, which many client threads then fight over.
+    # NaN/Inf are checked per batch by the worker (one reduction), gradients never flow (no_grad).
     if x.dtype != torch.uint8:
-        if not torch.is_floating_point(x):
+        if not x.dtype.is_floating_point:
             raise InvalidInput(f"{name}: expected uint8 (0..255) or floating point, got {x.dtype}", "bad_type")
-        x = x.detach().to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise InvalidInput(f"{name}: contains NaN or Inf values", "nonfinite")
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
     h, w = x.shape[1], x.shape[2]
     if max_pixels is not None and h * w > max_pixels:
         raise InvalidInput(f"{name}: image of {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}", "too_large")
@@ -155,6 +156,7 @@ class _Worker:
     outstanding: int = 0  # pairs
     last_pick: int = 0
     thread: threading.Thread | None = None
+    wake: threading.Condition | None = None  # over the scorer's lock: "your inbox has a batch"
 
 
 class Scorer:
@@ -179,7 +181,9 @@ class Scorer:
 
     Inputs to ``score``/``submit``: tensors (3,H,W) or (1,3,H,W) (uint8 0..255 or float), numpy
     uint8 HxWx3 images or float arrays laid out as tensors, encoded image bytes, paths, PIL images.
-    Results: a float per pair (``spatial=True``: an (H, W) float32 CPU tensor).
+    Results: a float per pair (``spatial=True``: an (H, W) float32 CPU tensor). Tensors and
+    arrays are read when their batch runs, not copied at submission: leave them unchanged until
+    the future is done.
     """
 
     def __init__(
@@ -254,7 +258,13 @@ class Scorer:
         ]
         self.devices = [w.name for w in self._workers]
 
-        self._cv = threading.Condition()
+        # One lock, one condition per kind of waiter, so that a new pair wakes only the dispatcher
+        # (and only when it changes a decision) and a finished batch only what it concerns.
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)  # the dispatcher
+        self._room = threading.Condition(self._lock)  # callers waiting for queue room
+        for w in self._workers:
+            w.wake = threading.Condition(self._lock)
         self._groups: collections.OrderedDict[tuple, collections.deque[_Pair]] = collections.OrderedDict()
         self._queued = 0  # pairs waiting for a device
         self._shape_cap: dict[tuple, int] = {}  # batch cap per shape after an out-of-memory error
@@ -375,24 +385,25 @@ class Scorer:
         a = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
         b = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
         for w in self._workers:
-            with self._cv:
+            with self._lock:
                 w.outstanding += 1  # keeps the dispatcher's load picture honest while it runs
             try:
                 with torch.no_grad():
                     w.engine(a, b)
             finally:
-                with self._cv:
+                with self._lock:
                     w.outstanding -= 1
 
     def close(self, cancel_pending: bool = False) -> None:
         """Stop accepting pairs, score the queued ones (or cancel them), and stop the threads."""
-        with self._cv:
+        with self._lock:
             self._closed = True
             if cancel_pending:
-                for group in self._groups.values():
+                for group in list(self._groups.values()):
                     for p in list(group):
                         p.future.cancel()
-            self._cv.notify_all()
+            self._wake.notify()
+            self._room.notify_all()
         if self._dispatcher.is_alive() and threading.current_thread() is not self._dispatcher:
             self._dispatcher.join()
         for w in self._workers:
@@ -460,29 +471,35 @@ class Scorer:
             fut.set_exception(prepared)
             return fut
         p = prepared
-        with self._cv:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("Scorer is closed")
             if self._queued >= self.max_queue:
                 if not block:
                     self._m_errors.inc(kind="overloaded")
                     raise Overloaded(f"Scorer: {self._queued} pairs already queued (max_queue={self.max_queue}); retry later")
-                ok = self._cv.wait_for(lambda: self._queued < self.max_queue or self._closed, timeout)
+                ok = self._room.wait_for(lambda: self._queued < self.max_queue or self._closed, timeout)
                 if self._closed:
                     raise RuntimeError("Scorer is closed")
                 if not ok:
                     self._m_errors.inc(kind="overloaded")
                     raise TimeoutError(f"score: the queue stayed full (max_queue={self.max_queue}) for {timeout} s")
             p.t0 = time.perf_counter()
-            self._groups.setdefault(p.key, collections.deque()).append(p)
+            group = self._groups.setdefault(p.key, collections.deque())
+            group.append(p)
             self._queued += 1
-            self._cv.notify_all()
+            # The dispatcher cares about a group's first pair (its deadline) and a full group.
+            if len(group) == 1 or len(group) >= self._cap(p.key):
+                self._wake.notify()
         p.future.add_done_callback(lambda f, p=p: self._on_done(p) if f.cancelled() else None)
         return p.future
 
+    def _cap(self, key: tuple) -> int:
+        return min(self.max_batch, self._shape_cap.get(key, self.max_batch))
+
     def _on_done(self, p: _Pair) -> None:
         """A cancelled pair leaves its group at once (if it is still waiting there)."""
-        with self._cv:
+        with self._lock:
             group = self._groups.get(p.key)
             if group is not None:
                 try:
@@ -493,21 +510,21 @@ class Scorer:
                 self._m_cancelled.inc()
                 if not group:
                     del self._groups[p.key]
-                self._cv.notify_all()
+                self._room.notify()
 
     def _dispatch_loop(self) -> None:
-        with self._cv:
+        with self._lock:
             while True:
                 if self._closed and self._queued == 0:
                     self._stopping = True
-                    self._cv.notify_all()
+                    for w in self._workers:
+                        w.wake.notify()
                     return
                 now = time.perf_counter()
                 ready, wait = None, None
                 for key, group in self._groups.items():
-                    cap = min(self.max_batch, self._shape_cap.get(key, self.max_batch))
                     due = group[0].t0 + self.max_delay
-                    if len(group) >= cap or now >= due or self._closed:
+                    if len(group) >= self._cap(key) or now >= due or self._closed:
                         if ready is None or group[0].t0 < self._groups[ready][0].t0:
                             ready = key
                     else:
@@ -517,24 +534,24 @@ class Scorer:
                     w = min(free, key=lambda w: (w.outstanding, w.last_pick))
                     w.last_pick = next(self._picks)
                     group = self._groups[ready]
-                    cap = min(self.max_batch, self._shape_cap.get(ready, self.max_batch))
-                    batch = [group.popleft() for _ in range(min(cap, len(group)))]
+                    batch = [group.popleft() for _ in range(min(self._cap(ready), len(group)))]
                     if not group:
                         del self._groups[ready]
                     self._queued -= len(batch)
                     w.inbox.append(batch)
                     w.in_flight += 1
                     w.outstanding += len(batch)
-                    self._cv.notify_all()
+                    w.wake.notify()
+                    self._room.notify_all()
                     continue
-                # Nothing ready: sleep until the earliest group is due. Ready but every device
-                # busy: sleep until a worker finishes (it notifies).
-                self._cv.wait(timeout=wait if ready is None else None)
+                # Nothing ready: sleep until the earliest group is due (or a new group or a full
+                # one appears). Ready but every device busy: sleep until a worker finishes.
+                self._wake.wait(timeout=wait if ready is None else None)
 
     def _worker_loop(self, w: _Worker) -> None:
         while True:
-            with self._cv:
-                self._cv.wait_for(lambda: w.inbox or self._stopping)
+            with self._lock:
+                w.wake.wait_for(lambda: w.inbox or self._stopping)
                 if not w.inbox:
                     return
                 batch = w.inbox.popleft()
@@ -544,24 +561,45 @@ class Scorer:
                     self._m_cancelled.inc(len(batch) - len(live))
                 if live:
                     with torch.no_grad():
-                        self._run(w, live)
+                        self._run_batch(w, live)
             except BaseException as e:  # never leave a future hanging
                 for p in batch:
                     if p.future.running():
                         p.future.set_exception(e)
                 log.exception("scorer worker %s: unexpected error", w.name)
             finally:
-                with self._cv:
+                with self._lock:
                     w.in_flight -= 1
                     w.outstanding -= len(batch)
-                    self._cv.notify_all()
+                    self._wake.notify()
 
-    def _run(self, w: _Worker, pairs: list[_Pair]) -> None:
-        """Score ``pairs`` on ``w``; on failure split in halves so only failing pairs fail."""
+    def _run_batch(self, w: _Worker, pairs: list[_Pair]) -> None:
+        """Stack a batch, fail the pairs holding NaN/Inf on their own, score the rest."""
+        a = torch.stack([p.a for p in pairs])
+        b = torch.stack([p.b for p in pairs])
+        if a.is_floating_point():
+            fin0 = torch.isfinite(a).flatten(1).all(1)
+            fin1 = torch.isfinite(b).flatten(1).all(1)
+            ok = (fin0 & fin1).tolist()
+            if not all(ok):
+                bad0 = (~fin0).tolist()
+                for i in (i for i, good in enumerate(ok) if not good):
+                    name = "img0" if bad0[i] else "img1"
+                    self._m_errors.inc(kind="nonfinite")
+                    pairs[i].future.set_exception(InvalidInput(f"{name}: contains NaN or Inf values", "nonfinite"))
+                keep = [i for i, good in enumerate(ok) if good]
+                if not keep:
+                    return
+                pairs = [pairs[i] for i in keep]
+                a, b = a[keep], b[keep]
+        self._run(w, pairs, a, b)
+
+    def _run(self, w: _Worker, pairs: list[_Pair], a: torch.Tensor, b: torch.Tensor) -> None:
+        """Score ``pairs`` (stacked in ``a``, ``b``) on ``w``; on failure split in halves so only
+        failing pairs fail."""
         n = len(pairs)
+        h = n // 2
         try:
-            a = torch.stack([p.a for p in pairs])
-            b = torch.stack([p.b for p in pairs])
             out = w.engine(a, b).detach().to("cpu", torch.float32)
         except torch.OutOfMemoryError as e:
             self._m_oom.inc(device=w.name)
@@ -571,18 +609,18 @@ class Scorer:
                 self._fail(pairs, e, "out_of_memory")
                 return
             key = pairs[0].key
-            with self._cv:
+            with self._lock:
                 self._shape_cap[key] = min(self._shape_cap.get(key, self.max_batch), n // 2)
             log.warning("scorer %s: out of memory at a batch of %d %s pairs; halving", w.name, n, key[2:])
-            self._run(w, pairs[: n // 2])
-            self._run(w, pairs[n // 2:])
+            self._run(w, pairs[:h], a[:h], b[:h])
+            self._run(w, pairs[h:], a[h:], b[h:])
             return
         except Exception as e:
             if n == 1:
                 self._fail(pairs, e, "engine")
                 return
-            self._run(w, pairs[: n // 2])
-            self._run(w, pairs[n // 2:])
+            self._run(w, pairs[:h], a[:h], b[:h])
+            self._run(w, pairs[h:], a[h:], b[h:])
             return
         self._m_batches.inc(device=w.name)
         self._m_batch_size.observe(n, device=w.name)
