@@ -55,10 +55,33 @@ def _build_model(args, spatial: bool = False):
     if args.random_trunk:
         torch.manual_seed(0)
         kwargs["pnet_rand"] = True
-    return LPIPS(**kwargs)
+    try:
+        return LPIPS(**kwargs)
+    except ValueError as e:  # e.g. a lin set made for another net or version
+        raise _UsageError(str(e)) from None
+
+
+class _UsageError(Exception):
+    """A bad argument found after parsing (exit status 2)."""
 
 
 # -- export ------------------------------------------------------------------------------------
+def _usage_errors(fn):
+    """Report a ``_UsageError`` as one line on stderr and exit status 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except _UsageError as e:
+            _err(f"lpips-fast {args.command}: error: {e}")
+            return EXIT_USAGE
+
+    return run
+
+
+@_usage_errors
 def _cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
@@ -95,6 +118,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 # -- tune --------------------------------------------------------------------------------------
+@_usage_errors
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .tune import PRECISIONS, select_precision
 

@@ -114,3 +114,33 @@ def test_cli_export_usage_error(capsys):
 
     assert main(["export", "onnx", "-o", "model.txt"]) == 2
     assert "-o/--output" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cpp_example_runs_the_package(aoti_path, alex, tmp_path):
+    """examples/cpp built against the installed torch's libtorch scores like LPIPS (~3-6 min build)."""
+    import os
+    import shutil
+
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake and a C++ compiler are needed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_root = os.path.dirname(torch.__file__)
+    build = tmp_path / "build"
+    for cmd in (
+        ["cmake", "-S", os.path.join(root, "examples", "cpp"), "-B", str(build), f"-DTORCH_ROOT={torch_root}",
+         "-DCMAKE_BUILD_TYPE=Release"],
+        ["cmake", "--build", str(build), "-j2"],
+    ):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    a, b = export.check_images((96, 80), 3)
+    a.numpy().tofile(tmp_path / "in0.bin")
+    b.numpy().tofile(tmp_path / "in1.bin")
+    res = subprocess.run([str(build / "lpips_aoti"), str(aoti_path), str(tmp_path / "in0.bin"), str(tmp_path / "in1.bin"),
+                          "3", "96", "80"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = torch.tensor([float(v) for v in res.stdout.split()], dtype=torch.float64)
+    with torch.no_grad():
+        want = alex(a, b).flatten().double()
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
