@@ -191,9 +191,10 @@ def aoti(
     """Compile ``model`` with ``torch.export`` + AOTInductor into a ``.pt2`` package (CPU).
 
     The batch is dynamic; ``dynamic_hw`` also makes height and width dynamic (otherwise the
-    package serves the example's H and W only). ``freezing`` lets Inductor fold the weights into
-    the compiled graph (measured faster on the CPU). Load it with
-    ``torch._inductor.aoti_load_package(path)``. Takes ~25 s for alex on 2 cores.
+    package serves the example's H and W only). ``freezing`` lets Inductor treat the weights as
+    constants (constant folding, convolution weights prepacked for oneDNN). Load it with
+    ``torch._inductor.aoti_load_package(path)``. Takes 25-80 s for alex on 2 cores (about
+    twice that with ``dynamic_hw``).
     """
     p = _check_path(path, ".pt2")
     wrapper = _prepare(model)
