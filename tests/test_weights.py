@@ -635,7 +635,7 @@ def test_fetch_refuses_conversion_that_misses_the_pinned_content(isolated, monke
 
 
 # ---------------------------------------------------------------- pinned trunk hashes
-_REAL_PINS = _trunks.trunk_pins.__wrapped__ if hasattr(_trunks.trunk_pins, "__wrapped__") else _trunks.trunk_pins
+_REAL_PINS = _trunks.trunk_pins  # the fixture above sets it aside per test, after this import
 
 
 @pytest.fixture
