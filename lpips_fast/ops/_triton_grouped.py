@@ -17,6 +17,8 @@ The numbers equal the per-layer op's to float rounding (the spatial mean divides
 the tiles instead of after); ``tests/test_ops_grouped.py`` checks both against the fp64 oracle.
 """
 
+import dataclasses
+import re
 from typing import Dict, List, Tuple
 
 import torch
@@ -25,6 +27,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _eager, _triton
+from ._aot_spec import TRITON_DTYPES, KernelSpec, pointer_type
 from ._autograd import grouped_grads_empty, grouped_setup_context, make_grouped_backward
 from ._triton import _inv_norm as inv_norm
 from ._triton import _load_tile as load_tile
@@ -211,7 +214,7 @@ class _Layer:
         self.x, self.y = x, y
         n, self.c, h, w = x.shape
         self.p = h * w
-        self.block_c, self.block_p, self.warps = _triton._config(self.c, self.p)
+        self.block_c, self.block_p, self.warps = _triton._config(self.c, self.p, _eager.acc_dtype(x.dtype))
         self.nb = triton.cdiv(self.p, self.block_p)
         self.programs = n * self.nb
         self.start = start
@@ -246,19 +249,37 @@ def _empty_slot(k: int, like: torch.Tensor, bwd: bool) -> Dict[str, object]:
     return args
 
 
-def _launch(fn, group: List[_Layer], args: Dict[str, object], constexprs: Dict[str, object]) -> None:
-    """One launch of ``fn`` over ``group``: per-layer constexprs, unused slots filled, one grid."""
+def _constexprs(blocks: List[Tuple[int, int, int]], **flags: bool) -> Dict[str, object]:
+    """The launch's constexprs: flags, NL and every slot's BLOCK_C/BLOCK_P (1 for unused slots)."""
+    out: Dict[str, object] = dict(flags, NL=len(blocks))
     for k in range(MAX_LAYERS):
-        layer = group[k] if k < len(group) else None
-        constexprs[f"BC{k}"] = layer.block_c if layer else 1
-        constexprs[f"BP{k}"] = layer.block_p if layer else 1
-    constexprs["NL"] = len(group)
+        out[f"BC{k}"], out[f"BP{k}"] = blocks[k][:2] if k < len(blocks) else (1, 1)
+    return out
+
+
+def _warps(blocks: List[Tuple[int, int, int]]) -> int:
+    """One launch, one warp count: the largest tile's."""
+    return max(b[2] for b in blocks)
+
+
+def _launch(fn, group: List[_Layer], args: Dict[str, object], flags: Dict[str, bool]) -> None:
+    """One launch of ``fn`` over ``group``: per-layer constexprs, unused slots filled, one grid."""
+    blocks = [(layer.block_c, layer.block_p, layer.warps) for layer in group]
+    constexprs = _constexprs(blocks, **flags)
     programs = sum(layer.programs for layer in group)
     ordered = [args[name] for name in fn.arg_names if name not in constexprs]
     assert len(ordered) + len(constexprs) == len(fn.arg_names), (fn.__name__, sorted(args), sorted(constexprs))
-    warps = max(layer.warps for layer in group)
+    warps = _warps(blocks)
     with _triton._device_ctx(group[0].x):
         wrap_triton(fn)[(programs,)](*ordered, **constexprs, num_warps=warps)
+
+
+def _fwd_flags(has_w: bool, spatial: bool, acc: torch.dtype) -> Dict[str, bool]:
+    return dict(HAS_W=has_w, SPATIAL=spatial, IS_F64=acc == torch.float64)
+
+
+def _bwd_flags(has_w, spatial, acc, need_dx, need_dy, need_dw) -> Dict[str, bool]:
+    return dict(_fwd_flags(has_w, spatial, acc), NEED_DX=need_dx, NEED_DY=need_dy, NEED_DW=need_dw)
 
 
 def _groups(layers: List[_Layer]) -> List[List[_Layer]]:
@@ -298,8 +319,7 @@ def _forward(feats0, feats1, weights, spatial, eps):
                 args.update(_slot_args(k, group[k], wts[i], offsets[i]))
             else:
                 args.update(_empty_slot(k, x0, bwd=False))
-        constexprs = dict(HAS_W=has_w, SPATIAL=spatial, IS_F64=acc == torch.float64)
-        _launch(_grouped_fwd_kernel, group, args, constexprs)
+        _launch(_grouped_fwd_kernel, group, args, _fwd_flags(has_w, spatial, acc))
     return out if spatial else out.sum(dim=1)
 
 
@@ -345,17 +365,95 @@ def _backward(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_fea
                     f"dxn{k}": dxn, f"dxc{k}": dxc, f"dxp{k}": dxp, f"dyn{k}": dyn, f"dyc{k}": dyc, f"dyp{k}": dyp,
                     f"COFF{k}": coffs[i],
                 })  # fmt: skip
-            constexprs = dict(
-                HAS_W=has_w, SPATIAL=spatial, IS_F64=acc == torch.float64,
-                NEED_DX=need_feats0, NEED_DY=need_feats1, NEED_DW=need_weights,
-            )  # fmt: skip
-            _launch(_grouped_bwd_kernel, group, args, constexprs)
+            flags = _bwd_flags(has_w, spatial, acc, need_feats0, need_feats1, need_weights)
+            _launch(_grouped_bwd_kernel, group, args, flags)
     if need_weights:
         dws = [
             dwp[c0 : c0 + layer.c, : layer.programs].sum(dim=1).to(w.dtype) if layer.programs else w.new_zeros(w.shape)
             for layer, c0, w in zip(layers, coffs, weights)
         ]
     return dxs, dys, dws
+
+
+# ----------------------------------------------------------------------------- ahead of time
+_SLOT_PARAM = re.compile(r"(X|Y|DX|DY|W)(\d)")
+
+
+def _signature(fn, feat_dtype: torch.dtype, constexprs: Dict[str, object]) -> Dict[str, str]:
+    """Triton types of ``fn``'s parameters as the launcher passes them: feature-dtype pointers
+    for features, gradients and unused slots' placeholders, accumulation-dtype pointers for the
+    weights, the output and the partial buffers, fp32 ``eps``, i32 sizes and strides."""
+    acc = _eager.acc_dtype(feat_dtype)
+    sig = {}
+    for name in fn.arg_names:
+        slot = _SLOT_PARAM.fullmatch(name)
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("OUT", "G", "DWP"):
+            sig[name] = pointer_type(acc)
+        elif slot:
+            weight = slot.group(1) == "W" and constexprs["HAS_W"] and int(slot.group(2)) < constexprs["NL"]
+            sig[name] = pointer_type(acc if weight else feat_dtype)
+        else:
+            sig[name] = "fp32" if name == "eps" else "i32"
+    return sig
+
+
+# Image sizes whose layer maps give the trunks' distinct block configs (small training losses,
+# and ImageNet-sized evaluation).
+AOT_IMAGE_SIZES = (64, 224)
+
+
+def aot_specializations() -> List[KernelSpec]:
+    """Every grouped launch the launcher makes for the alex, vgg and squeeze trunks at
+    ``AOT_IMAGE_SIZES``, in every dtype, flag and NEED_* combination: per-layer block configs
+    from ``_triton._config`` (the launcher's), constexprs from ``_constexprs``, types from
+    ``_signature``. Specs compiling to one binary are merged. The contract is
+    ``lpips_fast.ops.aot``'s."""
+    from ..nets import TRUNK_CHANNELS, build_trunk
+
+    merged: Dict[Tuple, KernelSpec] = {}
+    needs = [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True) if a or b or c]
+    for net, channels in TRUNK_CHANNELS.items():
+        trunk = build_trunk(net, init=False)
+        for size in AOT_IMAGE_SIZES:
+            pixels = [side * side for side in trunk.layer_sizes(size)]
+            for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                acc = _eager.acc_dtype(dtype)
+                blocks = [_triton._config(c, p, acc) for c, p in zip(channels, pixels)][:MAX_LAYERS]
+                for has_w in (True, False):
+                    for spatial in (False, True):
+                        common = net in ("alex", "vgg") and dtype in (torch.float32, torch.bfloat16) and has_w
+                        axes = (("net", net), ("dtype", TRITON_DTYPES[dtype]), ("HAS_W", has_w), ("SPATIAL", spatial))
+                        variants = [(_grouped_fwd_kernel, _fwd_flags(has_w, spatial, acc), (("kernel", "grouped_fwd"),), common and not spatial)]
+                        for need in needs:
+                            if need[2] and not has_w:
+                                continue
+                            flags = _bwd_flags(has_w, spatial, acc, *need)
+                            label = ",".join(k for k, on in zip(("dx", "dy", "dw"), need) if on)
+                            hot = common and not spatial and need == (True, False, False)
+                            variants.append((_grouped_bwd_kernel, flags, (("kernel", "grouped_bwd"), ("need", label)), hot))
+                        for fn, flags, kaxes, hot in variants:
+                            constexprs = _constexprs(blocks, **flags)
+                            spec = KernelSpec(
+                                kernel=fn.__name__, fn=fn, signature=_signature(fn, dtype, constexprs),
+                                constexprs=constexprs, num_warps=_warps(blocks), dtype=TRITON_DTYPES[dtype],
+                                launch={"net": [net], "image_size": [size], "has_weight": has_w, "spatial": spatial},
+                                axes=kaxes + axes, hot=hot,
+                            )  # fmt: skip
+                            old = merged.get(spec.key())
+                            if old is not None:
+                                launch = dict(old.launch, net=sorted(set(old.launch["net"]) | {net}),
+                                              image_size=sorted(set(old.launch["image_size"]) | {size}))
+                                spec = dataclasses.replace(old, launch=launch, hot=old.hot or hot)
+                            merged[spec.key()] = spec
+    # Most demanding first: fp32 then fp64, backward, more outputs.
+    rank = {"fp32": 0, "fp64": 1, "bf16": 2, "fp16": 3}
+    return sorted(
+        merged.values(),
+        key=lambda s: (rank[s.dtype], s.kernel != "_grouped_bwd_kernel",
+                       -sum(bool(s.constexprs.get(k)) for k in ("NEED_DX", "NEED_DY", "NEED_DW"))),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the ops
