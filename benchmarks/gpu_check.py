@@ -1,33 +1,36 @@
 #!/usr/bin/env python
-"""Every GPU-only check of lpips-fast in one command (under 8 minutes on one H200).
+"""Every GPU-only check of lpips-fast in one command, within a time budget (default 420 s).
 
-    python benchmarks/gpu_check.py             # on a CUDA machine; writes benchmarks/results/gpu_check-*.json
-    python benchmarks/gpu_check.py --cpu       # smoke mode: the non-CUDA parts, tiny shapes (tests run it)
+    python benchmarks/gpu_check.py                 # CUDA; writes benchmarks/results/gpu_check-*.json
+    python benchmarks/gpu_check.py --cpu           # every section's code path on the CPU, tiny shapes
 
-Sections (each in its own try/except, so one failure never hides the others; exit status 1 if
-any check failed):
+Sections, in order (the JSON is rewritten after each step, so a timeout keeps what was measured):
 
-- ``ops``: ``benchmarks/gpu_check_ops.py``'s ``run_checks`` (Triton kernels fp32/fp16/bf16, opcheck);
-- ``engine_graphs``: CUDA-graph capture and replay: the static output is poisoned with NaN, then
-  replayed with new data and checked rewritten; earlier results survive later replays; a short
-  batch reuses the captured one (padded, trimmed); every replay gets fresh data;
-- ``compiled``: the torch.compile'd engine, with and without graphs, and no fallback warning;
-- ``pipeline``: the pinned ring: results in order and equal to direct engine calls with distinct
-  data per batch (a slot rewritten before its copy ended would corrupt a batch), 2 and 3 slots,
-  and copy/compute overlap from timings plus a profiler summary;
-- ``fallbacks``: simulated compile/capture failures give one warning and correct results;
-- ``throughput``: pairs/s and ratios to the reference for the issue's H200 targets, and the
-  loss's peak memory.
+1. ``preflight`` (seconds): versions, device name, ``import numpy, triton, lpips_fast``, a C
+   compiler for Triton's launcher stub, and a one-kernel Triton launch in a subprocess (under
+   ``TRITON_INTERPRET=1`` on CPU tensors with ``--cpu``). If it fails, the run stops there and
+   says what is missing.
+2. ``tests``: ``python -m pytest -m cuda tests/gpu`` in a subprocess with its own time budget;
+   every test's outcome parsed from ``--junitxml`` (or, after a timeout, from the verbose output).
+   With ``--cpu`` they are collected and skip (no CUDA): that checks they import and collect.
+3. ``rows``: throughput rows, most valuable first, each with its own time budget (a slow compile
+   skips the rest of its row, never the rows after it): the README's H200 targets (alex 64 px b64
+   fp32 >= 5x the reference, alex 256 px b64 bf16 >= 4x, vgg 256 px b32 bf16 >= 2x, loss peak
+   memory <= 0.7x), then squeeze, the distance step alone, the pinned pipeline's overlap, NVTX.
+   Each provider is first checked against the reference (fp32 with TF32 off: 1e-5; bf16/fp16:
+   ``2 * |reference under autocast - reference| + 1e-4``), then timed twice: ``wall_ms``, the
+   synchronised wall time per call (the throughput a caller gets, host work included), and
+   ``gpu_ms``, the device's kernel time per call from ``torch.profiler`` (what the GPU executes).
+   The distance step is timed as CUDA-graph replays between CUDA events (never host dispatch of
+   eager calls) and compared with reading both feature sets once at the measured copy bandwidth.
 
-Reference: the ``lpips`` 0.1.4 package when importable (its wheel may be carried along), else an
-eager transcription of its forward (``EagerReference``: the trunk once per image, then the
-reference distance math op for op). fp32 comparisons run with TF32 off (1e-5 absolute); a
-bf16/fp16 result ``out`` must satisfy ``max|out - ref| <= 2 * max|ref_autocast - ref| + 1e-4``, where
-``ref_autocast`` is the reference itself under ``torch.autocast`` in that dtype (PyTorch's own
-low-precision error on this computation).
+Exit status 1 if any check failed (a test, a provider's result, the preflight); targets are
+reported as met or not met and do not change the exit status. Reference: the ``lpips`` 0.1.4
+package when importable, else ``EagerReference`` (the trunk once per image, then the reference's
+distance math op for op).
 
-This file also holds the providers and helpers the pytest-benchmark suite (``bench_lpips.py``)
-shares, so that both time exactly the same callables.
+This file also holds the providers and helpers that the pytest-benchmark suite
+(``bench_lpips.py``) shares, so that both time exactly the same callables.
 """
 
 from __future__ import annotations
@@ -40,10 +43,15 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,15 +61,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
 import lpips_fast  # noqa: E402
-from lpips_fast.engine import Engine, _Graph, uint8_to_unit  # noqa: E402
+from lpips_fast.engine import Engine, uint8_to_unit  # noqa: E402
 from lpips_fast.ops import lpips_distance, lpips_distance_reference  # noqa: E402
 from lpips_fast.pipeline import PinnedPipeline  # noqa: E402
 
 NETS = ("alex", "vgg", "squeeze")
+NSYS_COMMAND = (
+    "LPIPS_FAST_NVTX=1 nsys profile --trace=cuda,nvtx,osrt --cuda-graph-trace=node -o lpips-fast "
+    "python benchmarks/gpu_check.py --sections rows"
+)
+NVTX_RANGES = ("lpips_fast/h2d", "lpips_fast/preprocess", "lpips_fast/trunk", "lpips_fast/distance")
 
 
 # ============================================================================ shared helpers
@@ -132,8 +143,9 @@ def composite_forward(model: lpips_fast.LPIPS, in0, in1):
 
 
 def random_u8(n: int, px: int, device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g).to(device)
+    """Random uint8 images, generated on ``device`` (no host copy on a GPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g, device=device)
 
 
 def sync(device) -> None:
@@ -143,7 +155,7 @@ def sync(device) -> None:
 
 def time_call(fn: Callable[[], Any], device, *, warmup: int = 2, min_time: float = 0.3,
               max_iters: int = 30, min_iters: int = 3) -> float:
-    """Median seconds per call, with a device synchronize inside the timed region."""
+    """Median wall seconds per call, with a device synchronize inside the timed region."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -156,6 +168,24 @@ def time_call(fn: Callable[[], Any], device, *, warmup: int = 2, min_time: float
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def gpu_time_ms(fn: Callable[[], Any], device, iters: int = 3) -> float | None:
+    """Device kernel time per call (ms) from torch.profiler: what the GPU executes, without host
+    gaps (CUDA only; None on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)
+    total_us = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type == DeviceType.CUDA)
+    return total_us / iters / 1e3
 
 
 def peak_memory(fn: Callable[[], Any], device) -> int | None:
@@ -187,14 +217,15 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off (cuDNN convolutions and matmuls) so fp32 paths are comparable at 1e-5."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    """TF32 and cuDNN autotuning off, so fp32 paths are comparable at 1e-5."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = old
 
 
 def environment(device) -> dict:
@@ -239,89 +270,13 @@ def raise_recompile_limit(n: int = 64) -> None:
             setattr(cfg, name, max(getattr(cfg, name), n))
 
 
-# ============================================================================ check harness
-class Checker:
-    def __init__(self, device: str, quick: bool, budget_s: float) -> None:
-        self.device = device
-        self.quick = quick
-        self.t0 = time.perf_counter()
-        self.budget_s = budget_s
-        self.sections: dict[str, dict] = {}
-        self.failures: list[str] = []
-        self.throughput: list[dict] = []
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def check(self, section: str, name: str, ok: bool, detail: str = "") -> None:
-        rec = self.sections[section].setdefault("checks", [])
-        rec.append({"name": name, "ok": bool(ok), "detail": detail})
-        print(f"  [{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
-        if not ok:
-            self.failures.append(f"{section}: {name} {detail}")
-
-    def run(self, name: str, fn: Callable[["Checker"], None]) -> None:
-        print(f"== {name} (t={self.elapsed():.0f}s)", flush=True)
-        self.sections[name] = {"status": "running"}
-        t = time.perf_counter()
-        try:
-            fn(self)
-            failed = any(not c["ok"] for c in self.sections[name].get("checks", []))
-            self.sections[name]["status"] = "fail" if failed else self.sections[name].get("status_override", "pass")
-        except Exception as e:
-            self.sections[name]["status"] = "error"
-            self.sections[name]["error"] = f"{type(e).__name__}: {e}"
-            self.sections[name]["traceback"] = traceback.format_exc()[-4000:]
-            self.failures.append(f"{name}: {type(e).__name__}: {e}")
-            print(traceback.format_exc(), flush=True)
-        self.sections[name]["seconds"] = round(time.perf_counter() - t, 2)
-
-
-# ============================================================================ sections
-def section_ops(c: Checker) -> None:
-    try:
-        import gpu_check_ops  # benchmarks/gpu_check_ops.py (the ops owner's checks)
-    except ImportError as e:
-        c.sections["ops"]["status_override"] = "missing"
-        c.sections["ops"]["detail"] = f"benchmarks/gpu_check_ops.py not importable: {e}"
-        print(f"  [missing] {e}", flush=True)
-        return
-    results: dict = {}
-    try:
-        ret = gpu_check_ops.run_checks(results)
-    finally:
-        c.sections["ops"]["results"] = _jsonable(results)
-    # The ops script's own verdicts: a False return, a non-empty "failures" entry, or any entry
-    # with ok/passed False or status fail/error.
-    bad = [k for k, v in _walk(results) if _is_failure(v)]
-    if ret is False:
-        bad.append("run_checks returned False")
-    if results.get("failures"):
-        bad.append(f"failures: {results['failures']}")
-    c.check("ops", "gpu_check_ops.run_checks", not bad, f"failing entries: {bad[:10]}" if bad else "")
-
-
-def _walk(d, prefix=""):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield f"{prefix}{k}", v
-            yield from _walk(v, f"{prefix}{k}.")
-
-
-def _is_failure(v) -> bool:
-    if isinstance(v, dict):
-        if v.get("ok") is False or v.get("passed") is False:
-            return True
-        if str(v.get("status", "")).lower() in ("fail", "failed", "error"):
-            return True
-    return False
-
-
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     if isinstance(x, torch.Tensor) and x.numel() == 1:
@@ -329,197 +284,381 @@ def _jsonable(x):
     return repr(x)
 
 
-def _expect(ref_model, x_u8, y_u8):
-    with torch.no_grad():
-        return ref_model(uint8_to_unit(x_u8), uint8_to_unit(y_u8)).float()
+# ============================================================================ the run
+class OutOfTime(Exception):
+    """A row's own budget ran out: the rest of that row is skipped."""
 
 
-def section_engine_eager(c: Checker) -> None:
-    """Engine without graphs (CPU, or CUDA eager) against the reference, uint8 input."""
-    dev = c.device
-    px, n = (32, 3) if c.quick else (64, 8)
-    for net in ("alex", "squeeze") if c.quick else NETS:
-        ref, ours = make_models(net, dev)
-        x, y = random_u8(n, px, dev, 1), random_u8(n, px, dev, 2)
-        with exact_fp32():
-            want = _expect(ref, x, y)
-            e = Engine(model=ours, device=dev, dtype=torch.float32, compile=False, cuda_graphs=False)
-            got = e(x, y)
-        err = max_err(got, want)
-        c.check("engine_eager", f"{net} fp32 {n}x{px}px vs reference", err <= 1e-5, f"max err {err:.2e}")
-        with exact_fp32():
-            mod = ours(uint8_to_unit(x), uint8_to_unit(y))
-        err = max_err(mod, want)
-        c.check("engine_eager", f"{net} LPIPS.forward fp32 vs reference", err <= 1e-5, f"max err {err:.2e}")
+class Run:
+    """Budgets, results and the JSON file (rewritten after every step)."""
+
+    def __init__(self, device: str, budget_s: float, out: Path, env: dict) -> None:
+        self.device = device
+        self.cuda = device == "cuda"
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+        self.out = out
+        self.result: dict = {"mode": "cuda" if self.cuda else "cpu", **env, "budget_s": budget_s,
+                             "sections": {}, "rows": [], "failures": [], "targets": []}  # fmt: skip
+        self.row_deadline = math.inf
+        self.min_row_s = 5.0  # a row starts only with at least this much of the budget left
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def save(self) -> None:
+        self.result["seconds"] = round(self.elapsed(), 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_jsonable(self.result), indent=1))
+        tmp.replace(self.out)
+
+    def fail(self, what: str) -> None:
+        self.result["failures"].append(what)
+        print(f"  FAIL {what}", flush=True)
+
+    def check_time(self) -> None:
+        if time.perf_counter() > self.row_deadline:
+            raise OutOfTime("row budget spent")
 
 
-def section_engine_graphs(c: Checker) -> None:
-    dev = c.device
-    px, n = 64, 8
-    cases = [("alex", torch.float32), ("alex", torch.bfloat16), ("squeeze", torch.float16), ("vgg", torch.bfloat16)]
-    for net, dtype in cases:
-        tag = f"{net} {str(dtype).split('.')[-1]}"
-        ref, ours = make_models(net, dev)
-        with exact_fp32():
-            e = Engine(model=ours, device=dev, dtype=dtype, compile=False, cuda_graphs=True)
-            x, y = random_u8(n, px, dev, 10), random_u8(n, px, dev, 11)
-            want = _expect(ref, x, y)
-            bound = 1e-5 if dtype == torch.float32 else lowp_bound(ref, uint8_to_unit(x), uint8_to_unit(y), want, dtype)
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                first = e(x, y)
-            c.check("engine_graphs", f"{tag}: captured without fallback", e.cuda_graphs and e.stats["captures"] == 1
-                    and not [m for m in w if "lpips_fast" in str(m.message)], f"stats {e.stats} warnings {[str(m.message)[:200] for m in w]}")
-            err = max_err(first, want)
-            c.check("engine_graphs", f"{tag}: first replay vs reference", err <= bound, f"err {err:.2e} bound {bound:.2e}")
-            kept = first.clone()
-            entry = next(iter(e._graphs.values()))
-            # Poison the static output, replay with new data, check it was rewritten.
-            for seed in (20, 21, 22):
-                entry.out.fill_(float("nan"))
-                x2, y2 = random_u8(n, px, dev, seed), random_u8(n, px, dev, seed + 100)
-                got = e(x2, y2)
-                want2 = _expect(ref, x2, y2)
-                b2 = 1e-5 if dtype == torch.float32 else lowp_bound(ref, uint8_to_unit(x2), uint8_to_unit(y2), want2, dtype)
-                err = max_err(got, want2)
-                c.check("engine_graphs", f"{tag}: poisoned output rewritten (seed {seed})",
-                        bool(torch.isfinite(got).all()) and err <= b2 and max_err(got, first) > 0,
-                        f"err {err:.2e} bound {b2:.2e}")
-            c.check("engine_graphs", f"{tag}: earlier result not overwritten by later replays",
-                    torch.equal(first, kept), "")
-            # Short batch: reuses the captured batch (padded), result trimmed.
-            x3, y3 = random_u8(5, px, dev, 30), random_u8(5, px, dev, 31)
-            got3 = e(x3, y3)
-            want3 = _expect(ref, x3, y3)
-            b3 = 1e-5 if dtype == torch.float32 else lowp_bound(ref, uint8_to_unit(x3), uint8_to_unit(y3), want3, dtype)
-            err = max_err(got3, want3)
-            c.check("engine_graphs", f"{tag}: short batch padded + trimmed",
-                    got3.shape == (5, 1, 1, 1) and e.stats["captures"] == 1 and err <= b3,
-                    f"err {err:.2e} bound {b3:.2e} stats {e.stats}")
-            # Graph replays are deterministic: same data twice -> identical result.
-            c.check("engine_graphs", f"{tag}: replay deterministic", torch.equal(e(x, y), first), "")
-            c.check("engine_graphs", f"{tag}: no eager call outside warm-up", e.stats["eager_calls"] == 0, f"{e.stats}")
-        if c.elapsed() > c.budget_s * 0.4:
-            c.sections["engine_graphs"]["note"] = "stopped early to stay within the time budget"
-            break
-    # LRU: three sizes with max_graphs=2.
-    ref, ours = make_models("squeeze", dev)
-    e = Engine(model=ours, device=dev, dtype=torch.bfloat16, compile=False, max_graphs=2)
-    for p in (32, 40, 48):
-        e(random_u8(2, p, dev, p), random_u8(2, p, dev, p + 1))
-    c.check("engine_graphs", "LRU keeps max_graphs", len(e._graphs) == 2 and e.stats["evictions"] == 1, f"{e.stats}")
+# -- 1. preflight ------------------------------------------------------------------------------
+_LAUNCH_SNIPPET = r"""
+import os, sys, torch, triton, triton.language as tl
+@triton.jit
+def add_one(X, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs, mask=offs < N) + 1.0, mask=offs < N)
+dev = sys.argv[1]
+x = torch.arange(100, dtype=torch.float32, device=dev)
+add_one[(1,)](x, 100, BLOCK=128)
+if dev == "cuda":
+    torch.cuda.synchronize()
+assert torch.equal(x.cpu(), torch.arange(100, dtype=torch.float32) + 1), "wrong result"
+print("launch ok")
+"""
 
 
-def section_compiled(c: Checker) -> None:
-    dev = c.device
-    raise_recompile_limit()
-    n, px = 16, 64
-    ref, ours = make_models("alex", dev)
-    x, y = random_u8(n, px, dev, 40), random_u8(n, px, dev, 41)
-    # bf16 compiled + graphs is checked (against the reference) and timed by the throughput rows.
-    for dtype, graphs in ((torch.float32, True), (torch.bfloat16, False)):
-        tag = f"alex {str(dtype).split('.')[-1]} compile graphs={graphs}"
-        with exact_fp32():
-            want = _expect(ref, x, y)
-            bound = 1e-5 if dtype == torch.float32 else lowp_bound(ref, uint8_to_unit(x), uint8_to_unit(y), want, dtype)
-            t = time.perf_counter()
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                e = Engine(model=ours, device=dev, dtype=dtype, compile=True, cuda_graphs=graphs)
-                got = e(x, y)
-                got2 = e(random_u8(n, px, dev, 42), random_u8(n, px, dev, 43))
-            first_s = time.perf_counter() - t
-            fell_back = [str(m.message)[:300] for m in w if "lpips_fast" in str(m.message)]
-            c.check("compiled", f"{tag}: no fallback", e.compile and not fell_back and (e.cuda_graphs == graphs),
-                    f"first calls {first_s:.1f}s {fell_back}")
-            err = max_err(got, want)
-            c.check("compiled", f"{tag}: vs reference", err <= bound, f"err {err:.2e} bound {bound:.2e}")
-            c.check("compiled", f"{tag}: second batch finite", bool(torch.isfinite(got2).all()), "")
+def section_preflight(run: Run) -> bool:
+    sec = run.result["sections"].setdefault("preflight", {})
+    missing = []
+    for mod in ("numpy", "triton", "lpips_fast"):
+        try:
+            m = __import__(mod)
+            sec[mod] = getattr(m, "__version__", "ok")
+        except Exception as exc:
+            sec[mod] = None
+            missing.append(f"python package {mod!r} does not import ({type(exc).__name__}: {exc})")
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    sec["c_compiler"] = shutil.which(cc) if cc else None
+    if not sec["c_compiler"]:
+        missing.append("no C compiler (cc/gcc/clang or $CC): Triton builds its launcher stub with one")
+    if run.cuda:
+        sec["device_count"] = torch.cuda.device_count()
+        sec["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    if not missing:
+        env = dict(os.environ)
+        if not run.cuda:
+            env["TRITON_INTERPRET"] = "1"
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-c", _LAUNCH_SNIPPET, run.device], capture_output=True,
+                                  text=True, timeout=120, env=env)  # fmt: skip
+            ok = proc.returncode == 0 and "launch ok" in proc.stdout
+            tail = (proc.stdout + proc.stderr)[-1500:]
+        except subprocess.TimeoutExpired:
+            ok, tail = False, "timed out after 120 s"
+        sec["triton_launch"] = {"ok": ok, "seconds": round(time.perf_counter() - t, 1),
+                                "interpreter": not run.cuda, "output": None if ok else tail}  # fmt: skip
+        if not ok:
+            missing.append(f"a one-kernel Triton launch failed: {tail}")
+    sec["missing"] = missing
+    sec["status"] = "fail" if missing else "pass"
+    for m in missing:
+        run.fail(f"preflight: {m}")
+    print(f"  preflight: {sec['status']} {json.dumps({k: v for k, v in sec.items() if k != 'missing'})}", flush=True)
+    return not missing
 
 
-def section_pipeline(c: Checker) -> None:
-    dev = c.device
-    is_cuda = torch.device(dev).type == "cuda"
-    if c.quick:
-        nb, n, px, net = 4, 2, 32, "squeeze"
-    else:
-        nb, n, px, net = 10, 64, 256, "alex"
+# -- 2. the GPU tests --------------------------------------------------------------------------
+_VERBOSE_LINE = re.compile(r"^(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def _parse_junit(path: Path) -> list[dict]:
+    tests = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", None
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = (node.get("message") or node.text or "")[:1500]
+        tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
+                      "seconds": float(case.get("time") or 0.0), "message": message})  # fmt: skip
+    return tests
+
+
+def section_tests(run: Run, budget_s: float) -> None:
+    sec = run.result["sections"].setdefault("tests", {})
+    # Kernels first (the op under everything), then the Engine, pipeline and fallbacks.
+    files = [str(ROOT / "tests" / "gpu" / f) for f in ("test_cuda_ops.py", "test_cuda_engine.py")]
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "--no-header",
+               f"--junitxml={junit}", *files]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        sec["command"] = " ".join(["python", *cmd[1:-2], "tests/gpu"])
+        sec["budget_s"] = round(budget_s)
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(budget_s, 10), cwd=ROOT, env=env)
+            stdout, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout or b""
+            stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
+            rc, timed_out = None, True
+        sec["seconds"] = round(time.perf_counter() - t, 1)
+        if junit.exists():
+            tests = _parse_junit(junit)
+        else:
+            tests = [{"test": m.group(1), "outcome": m.group(2).lower(), "seconds": None, "message": None}
+                     for m in map(_VERBOSE_LINE.match, stdout.splitlines()) if m]  # fmt: skip
+    counts: dict[str, int] = {}
+    for t_ in tests:
+        counts[t_["outcome"]] = counts.get(t_["outcome"], 0) + 1
+    sec.update({"returncode": rc, "timed_out": timed_out, "counts": counts, "tests": tests,
+                "output_tail": stdout[-3000:]})  # fmt: skip
+    bad = [t_ for t_ in tests if t_["outcome"] in ("failed", "error")]
+    for t_ in bad:
+        run.fail(f"tests: {t_['test']}: {(t_['message'] or '')[:300]}")
+    if timed_out:
+        run.fail(f"tests: pytest ran past its {budget_s:.0f} s budget ({len(tests)} tests reported)")
+    elif rc not in (0, 5) and not bad:  # 5: nothing collected
+        run.fail(f"tests: pytest exited {rc} without a failing test (collection error?): {stdout[-500:]}")
+    if not tests and not timed_out:
+        run.fail("tests: no test was collected from tests/gpu")
+    sec["status"] = "fail" if (bad or timed_out or (rc not in (0, 5))) else "pass"
+    if not run.cuda and sec["status"] == "pass":
+        sec["note"] = "CPU: the CUDA tests were collected and skipped (no GPU)"
+    print(f"  tests: {sec['status']} {counts} in {sec['seconds']} s", flush=True)
+
+
+# -- 3. rows -----------------------------------------------------------------------------------
+def _measure(run: Run, row: dict, name: str, fn: Callable[[], Any], check: Callable[[], tuple[float, float]] | None):
+    """Check ``fn`` against the reference (err, tol), then time it; recorded in ``row``."""
+    run.check_time()
+    prov: dict = {}
+    row["providers"][name] = prov
+    if check is not None:
+        err, tol = check()
+        prov.update({"max_err": err, "tol": tol, "ok": bool(err <= tol)})
+        if not prov["ok"]:
+            run.fail(f"rows: {row['case']} {name}: error {err:.2e} > tolerance {tol:.1e}")
+    run.check_time()
+    n = row.get("batch", 1)
+    wall = time_call(fn, run.device)
+    prov["wall_ms"] = wall * 1e3
+    prov["pairs_per_s"] = n / wall
+    prov["gpu_ms"] = gpu_time_ms(fn, run.device)
+    run.save()
+    print(f"  {row['case']} {name}: {prov['wall_ms']:.2f} ms wall"
+          + (f", {prov['gpu_ms']:.2f} ms GPU" if prov["gpu_ms"] is not None else "")
+          + (f", err {prov['max_err']:.1e}" if "max_err" in prov else ""), flush=True)  # fmt: skip
+
+
+def _ratios(row: dict) -> None:
+    ref = row["providers"].get("reference", {})
+    for key in ("wall_ms", "gpu_ms"):
+        if ref.get(key):
+            row[f"ratio_{key.split('_')[0]}"] = {
+                k: ref[key] / v[key] for k, v in row["providers"].items() if v.get(key)
+            }
+
+
+def row_end_to_end(run: Run, row: dict, net: str, px: int, n: int, dtype: torch.dtype) -> None:
+    dev = run.device
     ref, ours = make_models(net, dev)
-    dtype = torch.bfloat16 if is_cuda else torch.float32
-    e = Engine(model=ours, device=dev, dtype=dtype, compile=False, cuda_graphs=is_cuda)
+    x, y = random_u8(n, px, dev, 60), random_u8(n, px, dev, 61)
+    xf, yf = uint8_to_unit(x), uint8_to_unit(y)
+    with torch.no_grad(), exact_fp32():
+        want = ref(xf, yf).float()
+        bound = 1e-5 if dtype == torch.float32 else lowp_bound(ref, xf, yf, want, dtype)
+
+    def checker(fn, tol):
+        def check():
+            with torch.no_grad(), exact_fp32():  # checked with TF32 off, timed with the defaults
+                return max_err(fn(), want), tol
+
+        return check
+
+    with torch.no_grad():
+        for name, fn, tol in (("reference", lambda: ref(xf, yf), None), ("default", lambda: ours(xf, yf), 1e-5)):
+            _measure(run, row, name, fn, checker(fn, tol) if tol else None)
+        engines = [("engine_graphs" if run.cuda else "engine", False)]
+        if run.cuda:
+            engines.append(("engine_compiled_graphs", True))
+        for name, compiled in engines:
+            run.check_time()
+            e = Engine(model=ours, device=dev, dtype=dtype, compile=compiled, cuda_graphs=run.cuda)
+            fn = lambda e=e: e(x, y)  # noqa: E731
+            _measure(run, row, name, fn, checker(fn, bound))
+            row["providers"][name]["stats"] = dict(e.stats)
+            del e
+    _ratios(row)
+
+
+def row_loss(run: Run, row: dict, net: str, px: int, n: int) -> None:
+    dev = run.device
+    ref, ours = make_models(net, dev)
+    xf, yf = uint8_to_unit(random_u8(n, px, dev, 70)), uint8_to_unit(random_u8(n, px, dev, 71))
+
+    def loss_of(model):
+        def go():
+            xx = xf.clone().requires_grad_(True)
+            model(xx, yf).mean().backward()
+            return xx.grad
+
+        return go
+
+    with exact_fp32():
+        g_ref, g_ours = loss_of(ref)(), loss_of(ours)()
+    fin = torch.isfinite(g_ref)  # the reference gives NaN where a feature column is all zero
+    err = max_err(g_ours[fin], g_ref[fin])
+    tol = 1e-5 * max(1.0, float(g_ref[fin].abs().max())) + 1e-7
+    ok = err <= tol and bool(torch.isfinite(g_ours).all())
+    row["gradient_check"] = {"max_err": err, "tol": tol, "ok": ok, "reference_nan": int((~fin).sum())}
+    if not ok:
+        run.fail(f"rows: {row['case']}: input gradient error {err:.2e} > {tol:.1e} (or non-finite)")
+    for name, model in (("reference", ref), ("default", ours)):
+        _measure(run, row, name, loss_of(model), None)
+        row["providers"][name]["peak_bytes"] = peak_memory(loss_of(model), dev)
+    _ratios(row)
+    m_ref, m_ours = row["providers"]["reference"]["peak_bytes"], row["providers"]["default"]["peak_bytes"]
+    if m_ref:
+        row["peak_memory_ratio"] = m_ours / m_ref
+
+
+def _graph_time_ms(fn: Callable[[], Any], iters: int = 20) -> float:
+    """fn captured in a CUDA graph; median time of one replay between CUDA events."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def row_distance(run: Run, row: dict, shapes: list, dtype: torch.dtype) -> None:
+    """The distance step alone (5 layers), fused vs the eager composite, GPU execution time."""
+    dev = run.device
+    g = torch.Generator(device=dev).manual_seed(80)
+    feats = []
+    for s in shapes:
+        x = torch.randn(s, device=dev, generator=g).relu_().to(dtype)
+        y = torch.randn(s, device=dev, generator=g).relu_().to(dtype)
+        feats.append((x, y, torch.rand(s[1], device=dev, generator=g)))
+    nbytes = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y, _ in feats)
+
+    def fused():
+        return [lpips_distance(x, y, w) for x, y, w in feats]
+
+    def eager():
+        return [lpips_distance(x, y, w, backend="torch") for x, y, w in feats]
+
+    err = max(max_err(a, b) for a, b in zip(fused(), eager()))
+    tol = 1e-4 * max(float(b.abs().max()) for b in eager()) + 1e-6
+    row["fused_vs_eager"] = {"max_err": err, "tol": tol, "ok": err <= tol}
+    if err > tol:
+        run.fail(f"rows: {row['case']}: fused vs eager composite {err:.2e} > {tol:.1e}")
+    run.check_time()
+    if run.cuda:
+        buf = torch.empty(1 << 28, device=dev)  # 1 GiB
+        dst = torch.empty_like(buf)
+        t_copy = _graph_time_ms(lambda: dst.copy_(buf), iters=10)
+        bw = 2 * buf.numel() * buf.element_size() / (t_copy * 1e-3)  # read + write, bytes/s
+        del buf, dst
+        t_fused, t_eager = _graph_time_ms(fused), _graph_time_ms(eager, iters=10)
+        how = "CUDA-graph replay between CUDA events"
+    else:
+        bw = None
+        t_fused, t_eager = time_call(fused, dev) * 1e3, time_call(eager, dev) * 1e3
+        how = "CPU wall time"
+    row.update({"timing": how, "fused_ms": t_fused, "eager_ms": t_eager, "eager_over_fused": t_eager / t_fused})
+    if bw:
+        row["copy_bandwidth_GBps"] = bw / 1e9
+        row["read_once_ms"] = nbytes / bw * 1e3
+        row["fused_over_read_once"] = t_fused / row["read_once_ms"]
+    print(f"  {row['case']}: fused {t_fused:.3f} ms, eager {t_eager:.3f} ms ({how})"
+          + (f", read-once {row['read_once_ms']:.3f} ms" if bw else ""), flush=True)  # fmt: skip
+
+
+def row_pipeline(run: Run, row: dict, net: str, nb: int, n: int, px: int) -> None:
+    """Copy/compute overlap of the pinned pipeline: timings, and the profiler's share of
+    host-to-device copy time during which a kernel also ran."""
+    dev = run.device
+    _, ours = make_models(net, dev)
+    e = Engine(model=ours, device=dev, dtype=torch.bfloat16 if run.cuda else torch.float32, compile=False,
+               cuda_graphs=run.cuda)  # fmt: skip
     g = torch.Generator().manual_seed(7)
     batches = [(torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g),
-                torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g)) for _ in range(nb)]
-    # Direct engine calls on device-resident data: what every pipeline run must reproduce.
+                torch.randint(0, 256, (n, 3, px, px), dtype=torch.uint8, generator=g)) for _ in range(nb)]  # fmt: skip
     dev_batches = [(a.to(dev), b.to(dev)) for a, b in batches]
+    pipe = PinnedPipeline(e, slots=3)
+    got = list(pipe.map(iter(batches)))
     direct = [e(a, b).reshape(-1).cpu() for a, b in dev_batches]
-    for slots in (2, 3):
-        pipe = PinnedPipeline(e, slots=slots)
-        got = list(pipe.map(iter(batches)))
-        same = len(got) == nb and all(torch.allclose(gg, dd, atol=1e-6, rtol=0) for gg, dd in zip(got, direct))
-        c.check("pipeline", f"{slots} slots: {nb} distinct batches, results in order and uncorrupted", same,
-                f"stats {pipe.stats}")
-    # Short last batch through the pipeline (pooled buffers are views of the larger ones).
-    pipe = PinnedPipeline(e, slots=2)
-    short = [(batches[0][0][: n // 2 or 1], batches[0][1][: n // 2 or 1])] + batches[1:3]
-    got = list(pipe.map(short))
-    ok = torch.allclose(got[0], direct[0][: n // 2 or 1], atol=1e-6) and torch.allclose(got[2], direct[2], atol=1e-6)
-    c.check("pipeline", "short batch then full batches", ok, "")
-    if not is_cuda:
-        return
-    # -- overlap: timings --------------------------------------------------------------------
-    pinned = [(a.pin_memory(), b.pin_memory()) for a, b in batches]
-    bufs = [(torch.empty_like(a, device=dev), torch.empty_like(b, device=dev)) for a, b in batches]
-
-    def h2d_only():
-        for (a, b), (da, db) in zip(pinned, bufs):
-            da.copy_(a, non_blocking=True)
-            db.copy_(b, non_blocking=True)
-
-    def host_only():
-        tmp = [torch.empty_like(a) for a, _ in batches[:1]]
-        for a, b in batches:
-            tmp[0].copy_(a)
-            tmp[0].copy_(b)
+    ok = len(got) == nb and all(torch.allclose(p, q, atol=1e-6, rtol=0) for p, q in zip(got, direct))
+    row["results_equal_direct_calls"] = ok
+    if not ok:
+        run.fail(f"rows: {row['case']}: pipeline results differ from direct engine calls")
+    run.check_time()
 
     def compute_only():
         for a, b in dev_batches:
             e(a, b)
 
-    pipe = PinnedPipeline(e, slots=3)
-
     def piped():
         for _ in pipe.map(iter(batches)):
             pass
 
-    t_h2d = time_call(h2d_only, dev, min_time=0.5)
-    t_host = time_call(host_only, "cpu", min_time=0.5)
-    t_comp = time_call(compute_only, dev, min_time=0.5)
-    t_pipe = time_call(piped, dev, min_time=0.5)
-    serial = t_h2d + t_host + t_comp
-    hidden = (serial - t_pipe) / max(min(t_h2d + t_host, t_comp), 1e-9)
-    info = {
-        "batches": nb, "batch": n, "px": px, "net": net, "dtype": str(dtype),
-        "host_memcpy_ms": t_host * 1e3, "h2d_ms": t_h2d * 1e3, "compute_ms": t_comp * 1e3,
-        "pipeline_ms": t_pipe * 1e3, "serial_sum_ms": serial * 1e3,
-        "fraction_of_shorter_side_hidden": hidden,
-        "h2d_GBps": sum(a.numel() + b.numel() for a, b in batches) / t_h2d / 1e9,
-        "host_waits": pipe.stats["host_waits"],
-    }
-    c.sections["pipeline"]["overlap"] = info
-    print(f"  overlap: {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()})}")
-    c.check("pipeline", "copies overlap compute (pipeline faster than the serial sum)", t_pipe < 0.95 * serial,
-            f"pipeline {t_pipe*1e3:.1f} ms vs serial {serial*1e3:.1f} ms")
-    # -- overlap: profiler summary (informative; never fails the run) -------------------------
-    try:
-        c.sections["pipeline"]["profiler"] = _profile_overlap(piped)
-        print(f"  profiler: {c.sections['pipeline']['profiler']}")
-    except Exception as ex:  # profiler availability varies
-        c.sections["pipeline"]["profiler"] = f"unavailable: {type(ex).__name__}: {ex}"
+    row["compute_ms"] = time_call(compute_only, dev, min_time=0.5) * 1e3
+    row["pipeline_ms"] = time_call(piped, dev, min_time=0.5) * 1e3
+    if run.cuda:
+        pinned = [(a.pin_memory(), b.pin_memory()) for a, b in batches]
+        bufs = [(torch.empty_like(a, device=dev), torch.empty_like(b, device=dev)) for a, b in batches]
+
+        def h2d_only():
+            for (a, b), (da, db) in zip(pinned, bufs):
+                da.copy_(a, non_blocking=True)
+                db.copy_(b, non_blocking=True)
+
+        row["h2d_ms"] = time_call(h2d_only, dev, min_time=0.5) * 1e3
+        row["pipeline_over_compute"] = row["pipeline_ms"] / row["compute_ms"]
+        row["profiler_overlap"] = _profile_overlap(piped)
+    row["host_waits"] = pipe.stats["host_waits"]
+    print(f"  {row['case']}: {json.dumps({k: v for k, v in row.items() if k.endswith('_ms')})}", flush=True)
 
 
 def _profile_overlap(fn) -> dict:
     """Share of host->device copy time during which a compute kernel also ran (profiler trace)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -527,10 +666,10 @@ def _profile_overlap(fn) -> dict:
         torch.cuda.synchronize()
     copies, kernels = [], []
     for ev in prof.events():
-        if getattr(ev, "device_type", None) is None or str(ev.device_type) != "DeviceType.CUDA":
+        if ev.device_type != DeviceType.CUDA:
             continue
         iv = (ev.time_range.start, ev.time_range.end)
-        if "HtoD" in ev.name or "Memcpy HtoD" in ev.name:
+        if "HtoD" in ev.name:
             copies.append(iv)
         elif "Memcpy" not in ev.name and "Memset" not in ev.name:
             kernels.append(iv)
@@ -542,220 +681,261 @@ def _profile_overlap(fn) -> dict:
             if ks >= e:
                 break
             covered += max(0.0, min(e, ke) - max(s, ks))
+    covered = min(covered, total)
     return {"h2d_copies": len(copies), "kernels": len(kernels), "h2d_us": total,
-            "h2d_us_overlapping_kernels": min(covered, total), "overlap_share": (min(covered, total) / total) if total else None}
+            "h2d_us_overlapping_kernels": covered, "overlap_share": covered / total if total else None}  # fmt: skip
 
 
-def section_fallbacks(c: Checker) -> None:
-    dev = c.device
-    ref, ours = make_models("squeeze", dev)
-    x, y = random_u8(2, 32, dev, 50), random_u8(2, 32, dev, 51)
-    with exact_fp32():
-        want = _expect(ref, x, y)
-        # Capture failure: simulated by a capture that raises.
-        e = Engine(model=ours, device=dev, dtype=torch.float32, compile=False, cuda_graphs=True)
-        e.cuda_graphs = True
-
-        def broken_capture(key):
-            raise RuntimeError("simulated capture failure")
-
-        e._capture = broken_capture
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            a = e(x, y)
-            b = e(x, y)
-        msgs = [str(m.message) for m in w if "lpips_fast" in str(m.message)]
-        c.check("fallbacks", "capture failure: one warning, eager results", len(msgs) == 1 and max_err(a, want) <= 1e-5
-                and max_err(b, want) <= 1e-5, f"{len(msgs)} warnings, err {max_err(a, want):.2e}")
-        # Compile failure: simulated by a compiled function that raises on first use.
-        e = Engine(model=ours, device=dev, dtype=torch.float32, compile=False, cuda_graphs=False)
-        e.compile = True
-
-        def broken_compiled(inp):
-            raise RuntimeError("simulated Inductor failure")
-
-        e._features_fn = broken_compiled
-        e._compiled_active = True
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            a = e(x, y)
-            b = e(x, y)
-        msgs = [str(m.message) for m in w if "lpips_fast" in str(m.message)]
-        c.check("fallbacks", "compile failure: one warning, eager results", len(msgs) == 1 and max_err(a, want) <= 1e-5
-                and max_err(b, want) <= 1e-5 and not e.compile, f"{len(msgs)} warnings")
+_NVTX_SNIPPET = r"""
+import torch, lpips_fast
+from lpips_fast.engine import Engine
+e = Engine(model=lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True), device="cuda", compile=False, cuda_graphs=False)
+x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, device="cuda")
+for _ in range(3):
+    e(x, x.flip(0))
+torch.cuda.synchronize()
+"""
 
 
-# -- throughput -------------------------------------------------------------------------------
-H200_TARGETS = [
-    # (label, net, px, batch, engine dtype, provider whose ratio is the target, target ratio)
-    ("alex 64px b64 fp32", "alex", 64, 64, torch.float32, "engine_graphs", 5.0),
-    ("alex 256px b64 bf16", "alex", 256, 64, torch.bfloat16, "engine_graphs", 4.0),
-    ("vgg 256px b32 bf16", "vgg", 256, 32, torch.bfloat16, "engine_graphs", 2.0),
-    ("squeeze 224px b64 bf16", "squeeze", 224, 64, torch.bfloat16, "engine_graphs", None),
-]
-CPU_SMOKE_ROWS = [("alex 32px b2 fp32", "alex", 32, 2, torch.float32, "default", None)]
+def row_nvtx(run: Run, row: dict) -> None:
+    """NVTX ranges seen by Nsight Systems, when ``nsys`` is installed; otherwise say what to run."""
+    from lpips_fast import profiling
 
-
-def section_throughput(c: Checker) -> None:
-    dev = c.device
-    is_cuda = torch.device(dev).type == "cuda"
-    raise_recompile_limit()
-    rows = H200_TARGETS if is_cuda else CPU_SMOKE_ROWS
-    for label, net, px, n, dtype, target_provider, target in rows:
-        if c.elapsed() > c.budget_s:
-            c.throughput.append({"case": label, "skipped": "time budget"})
-            print(f"  {label}: skipped (time budget)")
-            continue
-        ref, ours = make_models(net, dev)
-        x, y = random_u8(n, px, dev, 60), random_u8(n, px, dev, 61)
-        xf, yf = uint8_to_unit(x), uint8_to_unit(y)
-        row: dict[str, Any] = {"case": label, "net": net, "px": px, "batch": n, "engine_dtype": str(dtype)}
-        with torch.no_grad():
-            with exact_fp32():
-                want = ref(xf, yf).float()
-                bound = 1e-5 if dtype == torch.float32 else lowp_bound(ref, xf, yf, want, dtype)
-            provs: dict[str, Callable[[], Any]] = {
-                "reference": lambda: ref(xf, yf),
-                "composite": lambda: composite_forward(ours, xf, yf),
-                "default": lambda: ours(xf, yf),
-            }
-            e = Engine(model=ours, device=dev, dtype=dtype, compile=is_cuda, cuda_graphs=False)
-            provs["engine_compiled" if is_cuda else "engine"] = lambda: e(x, y)
-            if is_cuda:
-                provs["engine_graphs"] = lambda: e(x, y)
-            times = {}
-            for name, fn in provs.items():
-                if name == "engine_graphs":
-                    e.cuda_graphs = True  # the same compiled engine, now captured per shape
-                tol = bound if name.startswith("engine") else 1e-5
-                with exact_fp32():  # check with TF32 off ...
-                    err = max_err(fn(), want)
-                c.check("throughput", f"{label} {name} matches reference", err <= tol, f"err {err:.2e} tol {tol:.1e}")
-                times[name] = time_call(fn, dev)  # ... time with PyTorch's defaults (TF32 convs on CUDA)
-            if is_cuda and e.stats["captures"] and dtype == torch.float32:
-                row["note"] = "fp32 engine graphs captured with TF32 off (as checked), timed replays use that capture"
-        row["pairs_per_s"] = {k: n / v for k, v in times.items()}
-        row["ratio_to_reference"] = {k: times["reference"] / v for k, v in times.items()}
-        if target is not None:
-            r = row["ratio_to_reference"].get(target_provider)
-            row["target"] = {"provider": target_provider, "ratio": target, "met": bool(r is not None and r >= target)}
-        c.throughput.append(row)
-        del e
-        if is_cuda:
-            torch.cuda.empty_cache()
-    # Loss (forward + backward): time and peak memory, reference vs ours.
-    if c.elapsed() > c.budget_s:
-        c.throughput.append({"case": "loss", "skipped": "time budget"})
+    row["nvtx_backend"] = "nvtx package" if _importable("nvtx") else "torch.cuda.nvtx"
+    row["command"] = NSYS_COMMAND
+    nsys = shutil.which("nsys")
+    if not (run.cuda and nsys):
+        row["checked"] = False
+        row["reason"] = "no CUDA device" if not run.cuda else "nsys not on PATH: run the command by hand"
+        # The switch itself: ranges are created when on (no profiler here to record them).
+        profiling.set_nvtx(True)
+        try:
+            with profiling.nvtx_range("lpips_fast/check"):
+                pass
+        finally:
+            profiling.set_nvtx(os.environ.get("LPIPS_FAST_NVTX", "") not in ("", "0", "false", "False"))
+        print(f"  nvtx: not checked ({row['reason']}); command: {NSYS_COMMAND}", flush=True)
         return
-    net, px, n = ("alex", 256, 32) if is_cuda else ("alex", 32, 2)
-    ref, ours = make_models(net, dev)
-    xf, yf = uint8_to_unit(random_u8(n, px, dev, 70)), uint8_to_unit(random_u8(n, px, dev, 71))
-
-    def loss_of(model):
-        def run():
-            xx = xf.clone().requires_grad_(True)
-            model(xx, yf).mean().backward()
-            return xx.grad
-        return run
-
-    with exact_fp32():
-        g_ref, g_ours = loss_of(ref)(), loss_of(ours)()
-        fin = torch.isfinite(g_ref)  # the reference gives NaN where a feature column is all zero
-        err = max_err(g_ours[fin], g_ref[fin])
-        scale = float(g_ref[fin].abs().max())
-        c.check("throughput", f"loss {net} {px}px b{n}: input gradient vs reference",
-                err <= 1e-5 * max(1.0, scale) + 1e-7 and bool(torch.isfinite(g_ours).all()),
-                f"err {err:.2e} (max |grad| {scale:.2e}; reference NaN entries {int((~fin).sum())})")
-    t_ref, t_ours = time_call(loss_of(ref), dev), time_call(loss_of(ours), dev)
-    m_ref, m_ours = peak_memory(loss_of(ref), dev), peak_memory(loss_of(ours), dev)
-    row = {"case": f"loss {net} {px}px b{n} fp32", "pairs_per_s": {"reference": n / t_ref, "default": n / t_ours},
-           "ratio_to_reference": {"reference": 1.0, "default": t_ref / t_ours},
-           "peak_bytes": {"reference": m_ref, "default": m_ours}}
-    if m_ref:
-        row["peak_memory_ratio"] = m_ours / m_ref
-        row["target"] = {"provider": "default", "peak_memory_ratio": 0.7, "met": m_ours / m_ref <= 0.7}
-    c.throughput.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "nvtx_run.py"
+        script.write_text(_NVTX_SNIPPET)
+        rep = Path(tmp) / "nvtx"
+        env = dict(os.environ, LPIPS_FAST_NVTX="1", PYTHONPATH=str(ROOT))
+        prof = subprocess.run([nsys, "profile", "--trace=cuda,nvtx", "-o", str(rep), sys.executable, str(script)],
+                              capture_output=True, text=True, timeout=max(10, run.row_deadline - time.perf_counter()),
+                              env=env)  # fmt: skip
+        stats = subprocess.run([nsys, "stats", "--report", "nvtx_sum", f"{rep}.nsys-rep"], capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+    seen = [r for r in NVTX_RANGES if r in stats.stdout]
+    row.update({"checked": True, "profile_rc": prof.returncode, "ranges_seen": seen,
+                "ok": set(seen) >= {"lpips_fast/preprocess", "lpips_fast/trunk", "lpips_fast/distance"}})  # fmt: skip
+    if not row["ok"]:
+        row["stats_tail"] = (stats.stdout + stats.stderr)[-1500:]
+        run.fail(f"rows: nvtx: ranges seen by nsys {seen}, expected preprocess/trunk/distance")
+    print(f"  nvtx: ranges seen by nsys: {seen}", flush=True)
 
 
-def print_table(rows: list[dict]) -> str:
-    provs = ["reference", "composite", "default", "engine", "engine_compiled", "engine_graphs"]
-    lines = ["| case | " + " | ".join(provs) + " | target |", "|" + "---|" * (len(provs) + 2)]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"| {r['case']} | skipped: {r['skipped']} |")
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+VGG256 = [(16, c, 256 >> k, 256 >> k) for k, c in enumerate((64, 128, 256, 512, 512))]
+ALEX224 = [(64, 64, 55, 55), (64, 192, 27, 27), (64, 384, 13, 13), (64, 256, 13, 13), (64, 256, 13, 13)]
+
+
+def cuda_rows() -> list:
+    """(case, budget share, function, kwargs, target), most valuable first."""
+    return [
+        ("alex 64px b64 fp32", 60, row_end_to_end, dict(net="alex", px=64, n=64, dtype=torch.float32),
+         {"provider": "engine_graphs", "ratio": 5.0}),
+        ("alex 256px b64 bf16", 60, row_end_to_end, dict(net="alex", px=256, n=64, dtype=torch.bfloat16),
+         {"provider": "engine_graphs", "ratio": 4.0}),
+        ("vgg 256px b32 bf16", 75, row_end_to_end, dict(net="vgg", px=256, n=32, dtype=torch.bfloat16),
+         {"provider": "engine_graphs", "ratio": 2.0}),
+        ("loss alex 256px b32 fp32", 30, row_loss, dict(net="alex", px=256, n=32),
+         {"provider": "default", "peak_memory_ratio": 0.7}),
+        ("distance vgg256 b16 bf16", 20, row_distance, dict(shapes=VGG256, dtype=torch.bfloat16),
+         {"provider": "fused", "over_read_once": 1.5}),
+        ("distance vgg256 b16 fp32", 20, row_distance, dict(shapes=VGG256, dtype=torch.float32),
+         {"provider": "fused", "over_read_once": 1.5}),
+        ("distance alex224 b64 bf16", 20, row_distance, dict(shapes=ALEX224, dtype=torch.bfloat16), None),
+        ("squeeze 224px b64 bf16", 45, row_end_to_end, dict(net="squeeze", px=224, n=64, dtype=torch.bfloat16), None),
+        ("pipeline alex 256px b64 x10", 30, row_pipeline, dict(net="alex", nb=10, n=64, px=256), None),
+        ("nvtx", 40, row_nvtx, {}, None),
+    ]  # fmt: skip
+
+
+def cpu_rows() -> list:
+    """The same row functions with tiny shapes: their code paths on the CPU."""
+    tiny = [(2, c, 8 >> k or 1, 8 >> k or 1) for k, c in enumerate((64, 192, 384, 256, 256))]
+    return [
+        ("alex 32px b2 fp32", 30, row_end_to_end, dict(net="alex", px=32, n=2, dtype=torch.float32), None),
+        ("loss alex 32px b2 fp32", 20, row_loss, dict(net="alex", px=32, n=2), None),
+        ("distance tiny fp32", 10, row_distance, dict(shapes=tiny, dtype=torch.float32), None),
+        ("pipeline squeeze 32px b2 x4", 15, row_pipeline, dict(net="squeeze", nb=4, n=2, px=32), None),
+        ("nvtx", 5, row_nvtx, {}, None),
+    ]  # fmt: skip
+
+
+def _target_met(row: dict, target: dict) -> dict:
+    res = dict(target, case=row["case"])
+    if target.get("ratio"):
+        r = row.get("ratio_wall", {}).get(target["provider"])
+        best = max((v for k, v in row.get("ratio_wall", {}).items() if k.startswith("engine")), default=None)
+        res.update({"measured": r, "best_engine": best, "met": bool(best is not None and best >= target["ratio"])})
+    elif target.get("peak_memory_ratio"):
+        r = row.get("peak_memory_ratio")
+        res.update({"measured": r, "met": bool(r is not None and r <= target["peak_memory_ratio"])})
+    elif target.get("over_read_once"):
+        r = row.get("fused_over_read_once")
+        res.update({"measured": r, "met": bool(r is not None and r <= target["over_read_once"])})
+    return res
+
+
+def section_rows(run: Run, rows: list) -> None:
+    raise_recompile_limit()
+    total_share = sum(share for _, share, _, _, _ in rows)
+    for case, share, fn, kwargs, target in rows:
+        row: dict = {"case": case, "providers": {}, **{k: v for k, v in kwargs.items() if k != "shapes"}}
+        row = _jsonable(row) | {"providers": {}}
+        run.result["rows"].append(row)
+        left = run.left()
+        if left < run.min_row_s:
+            row["status"] = "skipped"
+            row["reason"] = f"total budget spent ({run.elapsed():.0f} s of {run.budget_s:.0f} s)"
+            print(f"  {case}: skipped ({row['reason']})", flush=True)
+            run.save()
             continue
+        # This row's own budget: its share of what is left, never more than what is left.
+        budget = min(left, max(share, left * share / total_share))
+        run.row_deadline = time.perf_counter() + budget
+        row["budget_s"] = round(budget)
+        t = time.perf_counter()
+        try:
+            fn(run, row, **kwargs)
+            row["status"] = "pass" if not any(f.startswith(f"rows: {case}") for f in run.result["failures"]) else "fail"
+        except OutOfTime:
+            row["status"] = "partial"
+            row["reason"] = f"row budget ({budget:.0f} s) spent: the rest of this row was skipped"
+        except Exception as exc:
+            row["status"] = "error"
+            row["reason"] = f"{type(exc).__name__}: {exc}"[:1500]
+            row["traceback"] = traceback.format_exc()[-3000:]
+            run.fail(f"rows: {case}: {row['reason']}")
+            print(row["traceback"], flush=True)
+        finally:
+            run.row_deadline = math.inf
+            total_share -= share
+        row["seconds"] = round(time.perf_counter() - t, 1)
+        if target is not None and row["status"] in ("pass", "partial"):
+            row["target"] = _target_met(row, target)
+            run.result["targets"].append(row["target"])
+        if run.cuda:
+            torch.cuda.empty_cache()
+        run.save()
+
+
+def summary(result: dict) -> str:
+    lines = ["", "== summary"]
+    for name, sec in result["sections"].items():
+        lines.append(f"{name:<10} {sec.get('status', '?'):<8} {sec.get('counts', '')} {sec.get('note', '')}".rstrip())
+    lines.append("")
+    lines.append("| row | status | reference | default | engine(_graphs) | compiled+graphs | note |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
         cells = []
-        for p in provs:
-            if p in r.get("pairs_per_s", {}):
-                cells.append(f"{r['pairs_per_s'][p]:,.0f}/s ({r['ratio_to_reference'][p]:.2f}x)")
-            else:
-                cells.append("")
-        tgt = r.get("target")
-        t = ""
-        if tgt:
-            if "peak_memory_ratio" in tgt:
-                t = f"mem {r['peak_memory_ratio']:.2f}x <= 0.7x: {'met' if tgt['met'] else 'NOT met'}"
-            else:
-                t = f"{tgt['provider']} >= {tgt['ratio']}x: {'met' if tgt['met'] else 'NOT met'}"
-        lines.append(f"| {r['case']} | " + " | ".join(cells) + f" | {t} |")
-    text = "\n".join(lines)
-    print(text)
-    return text
+        for p in ("reference", "default", "engine_graphs" if result["mode"] == "cuda" else "engine", "engine_compiled_graphs"):
+            v = r.get("providers", {}).get(p)
+            ratio = r.get("ratio_wall", {}).get(p)
+            cells.append(f"{v['pairs_per_s']:,.0f}/s ({ratio:.2f}x)" if v and "pairs_per_s" in v and ratio else "")
+        note = r.get("reason", "")
+        if "fused_ms" in r:
+            note = f"fused {r['fused_ms']:.3f} ms, eager {r['eager_ms']:.3f} ms" + (
+                f", {r['fused_over_read_once']:.2f}x read-once" if "fused_over_read_once" in r else "")
+        if "peak_memory_ratio" in r:
+            note = f"peak memory {r['peak_memory_ratio']:.2f}x"
+        if "target" in r:
+            note += f" [target {'met' if r['target'].get('met') else 'NOT met'}]"
+        lines.append(f"| {r['case']} | {r.get('status')} | " + " | ".join(cells) + f" | {note} |")
+    lines.append("")
+    lines.append(f"failures: {len(result['failures'])}")
+    for f in result["failures"]:
+        lines.append(f"  {f[:400]}")
+    return "\n".join(lines)
 
 
 # ============================================================================ main
+SECTIONS = ("preflight", "tests", "rows")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cpu", action="store_true", help="smoke mode: non-CUDA parts on the CPU, tiny shapes")
+    ap.add_argument("--cpu", action="store_true", help="walk every section on the CPU with tiny shapes")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu_check-<device>-<date>.json)")
-    ap.add_argument("--budget", type=float, default=330.0,
-                    help="seconds after which remaining throughput rows are skipped (keeps the run under 8 min)")
+    ap.add_argument("--budget-s", "--budget", dest="budget_s", type=float, default=420.0,
+                    help="total seconds; each section and row gets its share (default 420)")  # fmt: skip
+    ap.add_argument("--tests-budget-s", type=float, default=None,
+                    help="seconds for the GPU tests (default 45%% of the budget)")  # fmt: skip
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated subset of preflight,tests,rows (default all)")  # fmt: skip
     args = ap.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}, expected a subset of {list(SECTIONS)}")
+    if args.budget_s <= 0:
+        ap.error(f"--budget-s must be > 0, got {args.budget_s}")
 
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.cpu:
-        print("No CUDA device: run with --cpu for the smoke mode (the CUDA checks need a GPU).")
+        print("No CUDA device: run with --cpu to walk the sections on the CPU (the checks need a GPU).")
         return 2
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    c = Checker(device, quick=not cuda, budget_s=args.budget)
     env = environment(device)
-    print(json.dumps(env, indent=1))
-
-    if cuda:
-        c.run("ops", section_ops)
-    c.run("engine_eager", section_engine_eager)
-    if cuda:
-        c.run("engine_graphs", section_engine_graphs)
-        c.run("compiled", section_compiled)
-    c.run("pipeline", section_pipeline)
-    c.run("fallbacks", section_fallbacks)
-    c.run("throughput", section_throughput)
-    table = print_table(c.throughput)
-
-    result = {
-        "mode": "cuda" if cuda else "cpu",
-        **env,
-        "seconds": round(c.elapsed(), 1),
-        "sections": c.sections,
-        "throughput": c.throughput,
-        "table_markdown": table,
-        "failures": c.failures,
-    }
     out = args.out
     if out is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         name = "".join(ch if ch.isalnum() else "-" for ch in env["device_name"]).strip("-").lower() or device
         out = HERE / "results" / f"gpu_check-{name}-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(result), indent=1))
-    print(f"\nwrote {out}  ({c.elapsed():.0f}s)")
-    if c.failures:
-        print("FAILED:\n  " + "\n  ".join(c.failures))
-        return 1
-    print("all checks passed")
-    return 0
+    run = Run(device, args.budget_s, out, env)
+    run.result["command"] = " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
+    print(json.dumps(env, indent=1), flush=True)
+    run.save()
+
+    if "preflight" in sections:
+        print(f"== preflight (t={run.elapsed():.0f}s)", flush=True)
+        if not section_preflight(run):
+            run.save()
+            print(summary(run.result))
+            print(f"\npreflight failed: fix what is listed above first. Wrote {out}")
+            return 1
+        run.save()
+    if "tests" in sections:
+        print(f"== tests (t={run.elapsed():.0f}s)", flush=True)
+        share = args.tests_budget_s if args.tests_budget_s is not None else 0.45 * args.budget_s
+        section_tests(run, min(share, max(run.left() - 30, 10)))
+        run.save()
+    if "rows" in sections:
+        print(f"== rows (t={run.elapsed():.0f}s)", flush=True)
+        run.result["sections"]["rows"] = {"status": "running"}
+        section_rows(run, cuda_rows() if cuda else cpu_rows())
+        statuses = [r.get("status") for r in run.result["rows"]]
+        run.result["sections"]["rows"] = {
+            "status": "fail" if any(s in ("fail", "error") for s in statuses) else "pass",
+            "counts": {s: statuses.count(s) for s in sorted(set(statuses))},
+        }
+    text = summary(run.result)
+    run.result["summary"] = text
+    run.save()
+    print(text)
+    print(f"\nwrote {out} ({run.elapsed():.0f} s)")
+    return 1 if run.result["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -1,25 +1,19 @@
 """Engine on the CPU: results equal LPIPS.forward, uint8 input, chunking/padding, fallbacks.
 
 The CUDA-graph bookkeeping (bucketing, padding, trimming, cloning, LRU) is exercised here with a
-stand-in graph that replays eagerly; real capture and replay are checked by
-``benchmarks/gpu_check.py`` (run on a GPU), whose CPU smoke mode is run at the end of this file.
+stand-in graph that replays eagerly; real capture and replay are checked by tests/gpu/
+(``python -m pytest -m cuda tests/gpu``, run by ``benchmarks/gpu_check.py`` on a GPU).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import lpips_fast
 from lpips_fast.engine import Engine, _Graph, uint8_to_unit
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(net="alex", spatial=False, seed=0):
@@ -288,29 +282,6 @@ def test_capture_failure_falls_back_with_one_warning(alex):
 
 def test_lazy_export():
     assert lpips_fast.Engine is Engine
-
-
-# -- gpu_check.py ------------------------------------------------------------------------------
-def test_gpu_check_compiles():
-    import py_compile
-
-    py_compile.compile(str(ROOT / "benchmarks" / "gpu_check.py"), doraise=True)
-
-
-def test_gpu_check_cpu_smoke(tmp_path):
-    """The non-CUDA parts of gpu_check run here (tiny shapes) and exit 0."""
-    out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
-    data = json.loads(out.read_text())
-    assert data["mode"] == "cpu" and not data["failures"]
-    assert {"engine_eager", "pipeline", "fallbacks"} <= set(data["sections"])
 
 
 def test_channels_last_module_forced_to_nchw(alex):

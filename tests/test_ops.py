@@ -1,7 +1,7 @@
 """The fused distance op on the CPU: C++ kernel and eager backend against the fp64 oracle.
 
 Triton (under TRITON_INTERPRET=1) is tested in test_ops_triton.py; CUDA in
-benchmarks/gpu_check_ops.py. Shapes are small: this file must stay well under a minute or two
+tests/gpu/test_cuda_ops.py. Shapes are small: this file must stay well under a minute or two
 on a 2-core machine (the C++ build itself is cached; CI warms it with build_cpu_extension()).
 """
 
