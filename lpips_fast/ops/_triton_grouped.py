@@ -423,7 +423,8 @@ def aot_specializations() -> List[KernelSpec]:
                 blocks = [_triton._config(c, p, acc) for c, p in zip(channels, pixels)][:MAX_LAYERS]
                 for has_w in (True, False):
                     for spatial in (False, True):
-                        common = net in ("alex", "vgg") and dtype in (torch.float32, torch.bfloat16) and has_w
+                        # The common paths: alex losses in fp32, vgg evaluation in bf16.
+                        common = (net, dtype) in (("alex", torch.float32), ("vgg", torch.bfloat16)) and has_w
                         axes = (("net", net), ("dtype", TRITON_DTYPES[dtype]), ("HAS_W", has_w), ("SPATIAL", spatial))
                         variants = [(_grouped_fwd_kernel, _fwd_flags(has_w, spatial, acc), (("kernel", "grouped_fwd"),), common and not spatial)]
                         for need in needs:
