@@ -52,3 +52,17 @@ def test_torch_fallback(restore, monkeypatch):
             raise KeyError("popped even on error")
     assert calls == [("push", "lpips_fast/preprocess"), ("pop",)]
     assert profiling.nvtx_enabled()
+
+
+def test_installed_nvtx_package_without_gpu(restore):
+    """The real nvtx package (extra ``.[profile]``): ranges open and close without a GPU or a
+    profiler attached (NVTX calls are no-ops until a tool such as nsys injects itself)."""
+    nvtx = pytest.importorskip("nvtx")
+    profiling._nvtx_mod = None
+    profiling.set_nvtx(True)
+    ctx = profiling.nvtx_range("lpips_fast/trunk")
+    assert isinstance(ctx, nvtx.annotate)
+    with ctx:
+        with profiling.nvtx_range("lpips_fast/distance"):
+            pass
+    assert profiling._nvtx_mod is nvtx
