@@ -42,7 +42,7 @@ import torch
 
 from .telemetry import LATENCY_BUCKETS_S, LOGGER_NAME, Metrics, batch_size_buckets
 
-__all__ = ["Scorer", "Overloaded", "InvalidInput", "INPUT_ERROR_KINDS"]
+__all__ = ["Scorer", "Overloaded", "InvalidInput", "INPUT_ERROR_KINDS", "model_from_settings"]
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -279,6 +279,26 @@ class Scorer:
         for w in self._workers:
             w.thread = threading.Thread(target=self._worker_loop, args=(w,), name=f"lpips-scorer-{w.name}", daemon=True)
             w.thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, model: Any = None, **overrides: Any) -> "Scorer":
+        """A Scorer configured by the ``[model]`` and ``[scorer]`` sections of ``settings``
+        (``lpips_fast.settings.load_settings()``); ``overrides`` win over both."""
+        import torch
+
+        m, sc = settings.section("model"), settings.section("scorer")
+        if model is None:
+            model = model_from_settings(m)
+        kwargs: dict[str, Any] = {
+            "devices": list(sc["devices"]) or None,
+            "max_batch": sc["max_batch"],
+            "max_delay_ms": sc["max_delay_ms"],
+            "max_queue": sc["max_queue"],
+            "dtype": None if m["dtype"] == "auto" else getattr(torch, m["dtype"]),
+            "compile": {"auto": None, "on": True, "off": False}[m["compile"]],
+        }
+        kwargs.update(overrides)
+        return cls(model=model, **kwargs)
 
     # -- metrics ------------------------------------------------------------------------------
     def _init_metrics(self) -> None:
@@ -641,6 +661,29 @@ class Scorer:
         log.warning("scorer: a pair failed in the engine (%s: %s)", type(e).__name__, e)
         for p in pairs:
             p.future.set_exception(e)
+
+
+def model_from_settings(model_settings: dict[str, Any], *, net: str | None = None, version: str | None = None,
+                        state_dict: str | None = None, lin_set: str | None = None) -> Any:
+    """The LPIPS module a ``[model]`` settings section describes (``settings.section("model")``).
+
+    ``net``/``version``/``state_dict`` replace the section's; ``lin_set`` names a registered lin
+    set (``lpips_fast.registry``, ``NAME[@N]``) instead of the section's ``lin`` file.
+    """
+    from .model_cache import build_model
+
+    net = net or model_settings["net"]
+    version = version or model_settings["version"]
+    if lin_set is not None:
+        from .model import LPIPS
+
+        if model_settings["random_trunk"]:
+            torch.manual_seed(model_settings["seed"])
+        m = LPIPS(net=net, version=version, lin=lin_set, pnet_rand=bool(model_settings["random_trunk"]),
+                  trunk_path=model_settings["trunk"])
+        return m.eval()
+    return build_model(net, version, state_dict=state_dict or model_settings["state_dict"], trunk=model_settings["trunk"],
+                       lin=model_settings["lin"], random_trunk=model_settings["random_trunk"], seed=model_settings["seed"])
 
 
 def _needs_decoding(x: Any) -> bool:

@@ -251,3 +251,17 @@ def test_argument_errors_name_the_argument(model):
         Scorer(model=model, devices="cpu")
     with pytest.raises(ValueError, match="max_queue"):
         Scorer(model=model, devices=["cpu"], max_queue=0)
+
+
+def test_from_settings_reads_model_and_scorer_sections(tmp_path):
+    from lpips_fast.settings import load_settings
+
+    flags = {"model.random_trunk": ("true", "--set"), "model.seed": ("3", "--set"),
+             "scorer.devices": ("cpu,cpu", "--device"), "scorer.max_batch": ("8", "--max-batch")}
+    settings = load_settings(env={}, start_dir=tmp_path, flags=flags)
+    torch.manual_seed(3)
+    want = lpips_fast.LPIPS(net="alex", pnet_rand=True)
+    with Scorer.from_settings(settings, max_delay_ms=50) as scorer:
+        assert scorer.devices == ["cpu#0", "cpu#1"] and scorer.max_batch == 8 and scorer.max_delay == 0.05
+        a, b = _rand_pair()
+        assert abs(scorer.score(a, b, timeout=60) - _ref(want, a, b)) <= TOL

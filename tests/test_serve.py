@@ -227,8 +227,11 @@ def test_map_png_and_models(server, models):
     from PIL import Image
 
     a, b = _image(30), _image(31)
-    r = server.client.post("/v1/map", files={"img0": _png(a), "img1": _png(b)}, headers={"x-request-key": _key_for("a")})
+    files, key = {"img0": _png(a), "img1": _png(b)}, {"x-request-key": _key_for("a")}
+    r = server.client.post("/v1/map", files=files, headers=key)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).mode == "RGB"  # the colours of `lpips-fast map`
+    r = server.client.post("/v1/map", params={"palette": "gray"}, files=files, headers=key)
     im = Image.open(io.BytesIO(r.content))
     assert im.size == (64, 64) and im.mode == "L"
     want = _ref(models["a"][0], a, b, spatial=True)
@@ -314,7 +317,8 @@ def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from lpips_fast import registry, weights
-    from lpips_fast.serve.app import ModelSpec, _build_model, parse_model_spec
+    from lpips_fast.scorer import model_from_settings
+    from lpips_fast.serve.app import ModelSpec, parse_model_spec
 
     assert parse_model_spec("alex") == ModelSpec("alex", "0.1")
     assert parse_model_spec("vgg16-v0.0") == ModelSpec("vgg", "0.0")
@@ -328,7 +332,8 @@ def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
     registry.register("mine", str(tmp_path / "lin.safetensors"), net="alex", version="0.1")
     spec = parse_model_spec("mine")
     assert spec == ModelSpec("alex", "0.1", lin="mine@1") and spec.name == "mine@1"
-    m = _build_model(spec, {"trunk": None, "random_trunk": True, "seed": 0, "lin": None, "state_dict": None})
+    section = {"net": "vgg", "version": "0.0", "trunk": None, "random_trunk": True, "seed": 0, "lin": None, "state_dict": None}
+    m = model_from_settings(section, net=spec.net, version=spec.version, lin_set=spec.lin)
     for k, v in lin.items():
         torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=0)
 
@@ -390,3 +395,45 @@ def test_readme_serve_example_runs_as_written(tmp_path):
     assert len(values) == 2 and values[0] == values[1] and 0 < values[0] < 1, out
     assert "lpips_fast_pairs_total{" in out
     assert Path("/tmp/map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeout_and_concurrency_limits_in_process(models, tmp_path):
+    """uvicorn in a thread of this process (cheap to start): 504 past the timeout, 503 past the limit."""
+    import uvicorn
+
+    from lpips_fast.serve.app import create_app
+    from lpips_fast.settings import load_settings
+
+    flags = {"model.state_dict": (str(models["a"][1]), "--state-dict"), "scorer.max_delay_ms": ("1500", "--x"),
+             "serve.request_timeout_s": ("0.3", "--x"), "serve.max_concurrency": ("1", "--x")}
+    settings = load_settings(env={}, start_dir=tmp_path, flags=flags)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            files = {"img0": _png(_image(60)), "img1": _png(_image(61))}
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(c.post, "/v1/distance", files=files)
+                # Wait until the first request holds the only slot (its pair waits 1.5 s to batch).
+                deadline = time.monotonic() + 10
+                while "lpips_fast_http_in_flight 1.0" not in c.get("/metrics").text and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                r = c.post("/v1/distance", files=files)
+                assert r.status_code == 503 and r.json()["code"] == "overloaded" and r.headers["retry-after"] == "1"
+                r = slow.result(30)
+            assert r.status_code == 504 and r.json()["code"] == "timeout", r.text
+            assert c.get("/healthz").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)

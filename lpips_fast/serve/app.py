@@ -8,8 +8,9 @@ Endpoints (errors are always JSON ``{"code": ..., "message": ...}``):
   ``{"img0": "<base64>", "img1": "<base64>"}`` -> ``{"lpips", "model", "arm", "ms"}``.
 - ``POST /v1/distance/batch``: JSON ``{"pairs": [{"img0", "img1"}, ...]}`` (or repeated multipart
   fields) -> ``{"results": [{"lpips"} | {"error": {"code", "message"}}], "model", "arm", "ms"}``.
-- ``POST /v1/map``: the same inputs -> the spatial LPIPS map as a grayscale PNG (0 = black,
-  ``?vmax=`` or the map's maximum = white); the value, arm and model in ``X-LPIPS-*`` headers.
+- ``POST /v1/map``: the same inputs -> the spatial LPIPS map as a PNG in the colours of
+  ``lpips-fast map`` (``?palette=gray``: 8-bit grayscale), 0 = black, ``?vmax=`` (default: the
+  map's maximum) = white; the mean, ``vmax``, arm and model in ``X-LPIPS-*`` headers.
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (every arm loaded and warmed up),
   ``GET /metrics`` (Prometheus text), ``GET /v1/models``.
 
@@ -47,7 +48,7 @@ from typing import Any
 
 from fastapi import Request  # the serve extra; FastAPI resolves handler annotations from module globals
 
-from ..scorer import InvalidInput, Overloaded, Scorer
+from ..scorer import InvalidInput, Overloaded, Scorer, model_from_settings
 from ..settings import Settings, SettingsError
 from ..telemetry import LATENCY_BUCKETS_S, LOGGER_NAME, Metrics, configure_logging, prometheus_collector
 
@@ -112,9 +113,9 @@ def check_arms(settings: Settings) -> list[tuple[str, ModelSpec, float]]:
                 arms.append((name, parse_model_spec(text)))
             except ValueError as e:
                 raise SettingsError(f"serve.models: arm {name!r} from {settings.source('serve.models')}: {e}") from None
-    else:
+    else:  # one arm from [model]; its state_dict applies here only (arms name their own)
         arms = [("default", ModelSpec(settings["model.net"].replace("vgg16", "vgg"),
-                                      settings["model.version"].lstrip("v")))]
+                                      settings["model.version"].lstrip("v"), state_dict=settings["model.state_dict"]))]
     split = settings["serve.split"]
     names = [a[0] for a in arms]
     if split:
@@ -145,37 +146,6 @@ def pick_arm(names: list[str], shares: list[float], key: str | None, rng: random
         if u < acc:
             return name
     return [n for n, s in zip(names, shares) if s > 0][-1]
-
-
-# -- models -----------------------------------------------------------------------------------
-def _read_state_dict(path: str) -> dict:
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _build_model(spec: ModelSpec, model_settings: dict[str, Any]):
-    import torch
-
-    from ..model import LPIPS
-
-    state_dict = spec.state_dict or (None if spec.lin else model_settings["state_dict"])
-    if spec.lin is not None:
-        m = LPIPS(net=spec.net, version=spec.version, lin=spec.lin, trunk_path=model_settings["trunk"],
-                  pnet_rand=model_settings["random_trunk"])
-    elif state_dict:
-        m = LPIPS(pretrained=False, net=spec.net, version=spec.version, pnet_rand=True)
-        m.load_state_dict(_read_state_dict(state_dict))
-    elif model_settings["random_trunk"]:
-        torch.manual_seed(model_settings["seed"])
-        m = LPIPS(net=spec.net, version=spec.version, pnet_rand=True, model_path=model_settings["lin"])
-    else:
-        m = LPIPS(net=spec.net, version=spec.version, trunk_path=model_settings["trunk"], model_path=model_settings["lin"])
-    return m.eval().requires_grad_(False)
 
 
 @dataclass(eq=False)
@@ -216,8 +186,6 @@ class Service:
         self.shares = [a.share for a in self.arms]
         self.by_name = {a.name: a for a in self.arms}
         self.state = "loading"
-        self._dtype: Any = None
-        self._compile: Any = None
         self.error: str | None = None
         self.in_flight = 0
         self.rng = random.Random()
@@ -238,15 +206,14 @@ class Service:
         """Build, warm up and start every arm's scorer (in a thread: /healthz answers meanwhile)."""
         st = self.settings
         try:
-            import torch
-
-            dtype = None if st["model.dtype"] == "auto" else getattr(torch, st["model.dtype"])
-            compile = {"auto": None, "on": True, "off": False}[st["model.compile"]]
-            self._dtype, self._compile = dtype, compile
+            # [model] trunk/lin/random_trunk/seed apply to every arm; the spec picks the rest.
+            section = dict(st.section("model"), state_dict=None)
             for arm in self.arms:
                 t = time.perf_counter()
-                arm.model = _build_model(arm.spec, st.section("model"))
-                arm.scorer = self._scorer(arm, arm.model, "distance", dtype, compile)
+                spec = arm.spec
+                arm.model = model_from_settings(section, net=spec.net, version=spec.version,
+                                                state_dict=spec.state_dict, lin_set=spec.lin)
+                arm.scorer = self._scorer(arm, arm.model, "distance")
                 arm.scorer.warmup(st["serve.warmup_size"])
                 log.info("arm %s: %s ready on %s in %.1f s", arm.name, arm.spec.name, arm.scorer.devices,
                          time.perf_counter() - t)
@@ -255,13 +222,9 @@ class Service:
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             log.error("loading the models failed: %s", self.error)
 
-    def _scorer(self, arm: Arm, model: Any, kind: str, dtype: Any, compile: Any) -> Scorer:
-        st = self.settings
-        return Scorer(
-            model=model, devices=list(st["scorer.devices"]) or None, max_batch=st["scorer.max_batch"],
-            max_delay_ms=st["scorer.max_delay_ms"], max_queue=st["scorer.max_queue"], dtype=dtype, compile=compile,
-            max_pixels=st["serve.max_pixels"], name=arm.name, metric_labels={"arm": arm.name, "kind": kind},
-        )
+    def _scorer(self, arm: Arm, model: Any, kind: str) -> Scorer:
+        return Scorer.from_settings(self.settings, model=model, max_pixels=self.settings["serve.max_pixels"],
+                                    name=arm.name, metric_labels={"arm": arm.name, "kind": kind})
 
     def map_scorer(self, arm: Arm) -> Scorer:
         """The arm's spatial scorer, built on first use (a copy of its model with ``spatial=True``)."""
@@ -269,7 +232,7 @@ class Service:
             if arm.map_scorer is None:
                 m = copy.deepcopy(arm.model)
                 m.spatial = True
-                arm.map_scorer = self._scorer(arm, m, "map", self._dtype, self._compile)
+                arm.map_scorer = self._scorer(arm, m, "map")
             return arm.map_scorer
 
     def close(self) -> None:
@@ -486,29 +449,38 @@ def create_app(settings: Settings):
         return JSONResponse(body, headers=_arm_headers(arm))
 
     @app.post("/v1/map")
-    async def spatial_map(request: Request, vmax: float | None = None):
+    async def spatial_map(request: Request, vmax: float | None = None, palette: str = "heat"):
+        if palette not in ("heat", "gray"):
+            raise HTTPError(400, "bad_request", f"palette: got {palette!r}, expected heat or gray")
         _check_auth(request)
         arm = service.route(request)
         ((img0, img1),) = await _read_pairs(request, batch=False, max_body=service.max_body)
         scorer = await asyncio.to_thread(service.map_scorer, arm)
         heat = await service.score(scorer, img0, img1)
-        png, top = await asyncio.to_thread(_map_png, heat, vmax)
+        png, top = await asyncio.to_thread(_map_png, heat, vmax, palette)
         headers = _arm_headers(arm) | {"X-LPIPS-Value": repr(float(heat.mean())), "X-LPIPS-Vmax": repr(top)}
         return Response(png, media_type="image/png", headers=headers)
 
     return _Limits(app, service)
 
 
-def _map_png(heat, vmax: float | None) -> tuple[bytes, float]:
-    """(H, W) map -> 8-bit grayscale PNG scaled by ``vmax`` (default: the map's maximum)."""
+def _map_png(heat, vmax: float | None, palette: str) -> tuple[bytes, float]:
+    """(H, W) map scaled by ``vmax`` (default: the map's maximum) -> PNG: ``heat`` colours (those of
+    ``lpips-fast map``) or 8-bit ``gray`` (value = gray / 255 * vmax)."""
     import numpy as np
     from PIL import Image
+
+    from ..heatmap import heat_colors
 
     hm = heat.numpy()
     top = float(hm.max()) if vmax is None else float(vmax)
     scaled = np.clip(hm / top, 0.0, 1.0) if top > 0 else np.zeros_like(hm)
+    if palette == "gray":
+        im = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
+    else:
+        im = Image.fromarray(heat_colors(scaled), mode="RGB")
     buf = io.BytesIO()
-    Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L").save(buf, format="PNG")
+    im.save(buf, format="PNG")
     return buf.getvalue(), top
 
 
