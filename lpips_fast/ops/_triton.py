@@ -26,7 +26,11 @@ from ._autograd import grads_empty, make_backward, setup_context
 
 __all__ = ["distance_triton", "distance_triton_backward", "aot_specializations"]
 
-from torch.library import triton_op, wrap_triton  # torch >= 2.6, the package's floor
+# torch.library.triton_op / wrap_triton: torch >= 2.6 (the package's floor). tl.sqrt_rn / tl.div_rn
+# and triton.compile(ASTSource(...), target=GPUTarget(...)) (ops/aot.py): checked with torch
+# 2.14.1 + triton 3.8 here; the GPU machines' torch 2.11 + triton 3.6 are checked for these names
+# by benchmarks/gpu_check.py's preflight before anything else runs there.
+from torch.library import triton_op, wrap_triton
 
 
 _TILE = 4096  # BLOCK_C * BLOCK_P elements per tensor and program (fp32 accumulation)
