@@ -23,6 +23,7 @@ from lpips_fast.training import (
     train_step,
 )
 from lpips_fast.training.bapps import iter_batches
+from lpips_fast.training.trainer import lin_distance, ranking_step, unit_diff_sq
 
 
 def _sources():
@@ -71,38 +72,55 @@ def _batch(data, rows):
 
 
 def test_steps_equal_reference_trainer(hard_set):
+    """Three steps of lpips.Trainer against both of our step paths, from the same state and masks:
+    ``train_step`` on trunk features (no cache) and ``ranking_step`` on cached squared unit
+    differences through ``lin_distance`` (the cached path ``train`` takes with dropout)."""
     tr = _reference_trainer()
-    model = lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True, use_dropout=True, eval_mode=False)
-    model.load_state_dict(tr.net.state_dict())
-    head = Dist2LogitLayer()
-    head.load_state_dict(tr.rankLoss.net.state_dict())
-    opt = make_optimizer(model, head, lr=1e-4, beta1=0.5)
+    ours = []
+    for _ in range(2):
+        model = lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True, use_dropout=True, eval_mode=False)
+        model.load_state_dict(tr.net.state_dict())
+        head = Dist2LogitLayer()
+        head.load_state_dict(tr.rankLoss.net.state_dict())
+        ours.append((model, head, make_optimizer(model, head, lr=1e-4, beta1=0.5)))
 
     data = open_2afc(hard_set)
     for step, rows in enumerate([list(range(0, 12)), list(range(12, 24)), list(range(30, 50))]):
         if step == 2:
             # Every weight in play (the random start loses about half to the first clamp).
             with torch.no_grad():
-                for k, lin in enumerate(model.lins):
-                    lin.weight.add_(0.05)
-                    tr.net.lins[k].model[1].weight.add_(0.05)
+                for k, lin in enumerate(tr.net.lins):
+                    lin.model[1].weight.add_(0.05)
+                    for model, _, _ in ours:
+                        model.lins[k].weight.add_(0.05)
         ref, p0, p1, judge = _batch(data, rows)
-        torch.manual_seed(100 + step)  # the same dropout masks on both sides
+        torch.manual_seed(100 + step)  # the same dropout masks on every side
         tr.set_input({"ref": ref, "p0": p0, "p1": p1, "judge": judge})
         tr.optimize_parameters()
-        torch.manual_seed(100 + step)
         b = len(rows)
-        with torch.no_grad():
-            feats = model.features(torch.cat([ref, p0, p1]))
-        fr, f0, f1 = ([f[i * b:(i + 1) * b] for f in feats] for i in range(3))
-        out = train_step(model, head, opt, fr, f0, f1, judge)
-        assert out["loss"] == pytest.approx(float(tr.loss_total.detach()), abs=1e-6)
-        for k, lin in enumerate(model.lins):
-            torch.testing.assert_close(lin.weight, tr.net.lins[k].model[1].weight, rtol=0, atol=1e-6)
-        for (name, a), (_, r) in zip(head.state_dict().items(), tr.rankLoss.net.state_dict().items()):
-            torch.testing.assert_close(a, r, rtol=0, atol=1e-6, msg=name)
-    assert all(float(lin.weight.min()) >= 0 for lin in model.lins)
-    assert sum(int((lin.weight > 0).sum()) for lin in model.lins) > 1000  # of 1152
+        results = []
+        for path, (model, head, opt) in zip(("features", "diffs"), ours):
+            with torch.no_grad():
+                feats = model.features(torch.cat([ref, p0, p1]))
+            fr, f0, f1 = ([f[i * b:(i + 1) * b] for f in feats] for i in range(3))
+            torch.manual_seed(100 + step)
+            if path == "features":
+                results.append(train_step(model, head, opt, fr, f0, f1, judge))
+            else:
+                with torch.no_grad():
+                    diffs0 = [unit_diff_sq(a, c) for a, c in zip(fr, f0)]
+                    diffs1 = [unit_diff_sq(a, c) for a, c in zip(fr, f1)]
+                d0, d1 = lin_distance(model, diffs0), lin_distance(model, diffs1)
+                results.append(ranking_step(model, head, opt, d0, d1, judge))
+        for out, (model, head, _) in zip(results, ours):
+            assert out["loss"] == pytest.approx(float(tr.loss_total.detach()), abs=1e-6)
+            for k, lin in enumerate(model.lins):
+                torch.testing.assert_close(lin.weight, tr.net.lins[k].model[1].weight, rtol=0, atol=1e-6)
+            for (name, a), (_, r) in zip(head.state_dict().items(), tr.rankLoss.net.state_dict().items()):
+                torch.testing.assert_close(a, r, rtol=0, atol=1e-6, msg=name)
+    for model, _, _ in ours:
+        assert all(float(lin.weight.min()) >= 0 for lin in model.lins)
+        assert sum(int((lin.weight > 0).sum()) for lin in model.lins) > 1000  # of 1152
 
 
 def test_learning_rates_follow_reference_decay():

@@ -16,8 +16,10 @@ The recipe (lpips 0.1.4 ``lpips.Trainer`` and PerceptualSimilarity's ``train.py`
 
 What is faster here: with a frozen trunk its features are computed once per image, in batches
 of ref, p0 and p1 together, and kept for every epoch (``cache_features``); each step is then only
-the distance step (the fused op with its weight gradient when ``dropout=False``; with dropout the
-mask is drawn on the materialised difference in the reference's element order) and the head.
+the distance step and the head. With dropout (the recipe) the cache holds the squared unit
+differences ref-p0 and ref-p1, on which the masks are drawn in the reference's element order;
+with ``dropout=False`` it holds the raw features and the step is the fused distance op with its
+weight gradient.
 The reference runs the trunk twice on ref and once on p0/p1 every step, and backpropagates
 through it to the inputs.
 
@@ -46,11 +48,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ops import unit_normalize
 from .bapps import BappsError, TwoAFCSet, iter_batches, open_2afc, to_input
 from .head import Dist2LogitLayer
 from .scores import score_2afc, twoafc_agreement
 
-__all__ = ["train", "TrainResult", "train_step", "make_optimizer", "learning_rates", "save_weights", "INIT_CHOICES", "UNIFORM_WEIGHT"]
+__all__ = ["train", "TrainResult", "train_step", "ranking_step", "lin_distance", "unit_diff_sq", "make_optimizer", "learning_rates", "save_weights", "INIT_CHOICES", "UNIFORM_WEIGHT"]
 
 INIT_CHOICES = ("random", "uniform", "packaged")
 UNIFORM_WEIGHT = 0.1
@@ -78,6 +81,28 @@ def make_optimizer(model: torch.nn.Module, head: torch.nn.Module, lr: float = 1e
     return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999))
 
 
+def ranking_step(
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    d0: torch.Tensor,
+    d1: torch.Tensor,
+    judge: torch.Tensor,
+) -> dict:
+    """Head, BCE against ``judge``, Adam step, clamp of the lin weights; returns ``loss``, ``acc``."""
+    target = judge.reshape(d0.shape).to(d0.dtype)
+    loss = F.binary_cross_entropy(head(d0, d1), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for w in model.lin_weights():
+            w.clamp_(min=0)
+        lt = (d1 < d0).to(target.dtype)
+        acc = (lt * target + (1 - lt) * (1 - target)).mean()
+    return {"loss": float(loss.detach()), "acc": float(acc)}
+
+
 def train_step(
     model: torch.nn.Module,
     head: torch.nn.Module,
@@ -94,17 +119,25 @@ def train_step(
     """
     d0 = model.distances(feats_ref, feats_p0, spatial=False)
     d1 = model.distances(feats_ref, feats_p1, spatial=False)
-    target = judge.reshape(d0.shape).to(d0.dtype)
-    loss = F.binary_cross_entropy(head(d0, d1), target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        for w in model.lin_weights():
-            w.clamp_(min=0)
-        lt = (d1 < d0).to(target.dtype)
-        acc = (lt * target + (1 - lt) * (1 - target)).mean()
-    return {"loss": float(loss.detach()), "acc": float(acc)}
+    return ranking_step(model, head, optimizer, d0, d1, judge)
+
+
+def unit_diff_sq(f0: torch.Tensor, f1: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared difference of unit-normalised features, NCHW (what the lin layers see in training)."""
+    return ((unit_normalize(f0, eps) - unit_normalize(f1, eps)) ** 2).contiguous()
+
+
+def lin_distance(model: torch.nn.Module, diffs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B,1,1,1) distances from per-layer squared unit differences through the lin layers.
+
+    In train mode each lin layer's dropout draws its mask here, layer by layer, as
+    ``LPIPS.distances`` does: the same masks and values for the same random state.
+    """
+    val = None
+    for lin, d in zip(model.lins, diffs):
+        r = lin(d).mean([2, 3], keepdim=True)
+        val = r if val is None else val + r
+    return val
 
 
 def learning_rates(lr: float, epochs: int, decay_epochs: int) -> list[float]:
@@ -119,9 +152,15 @@ def learning_rates(lr: float, epochs: int, decay_epochs: int) -> list[float]:
 
 # -- features ----------------------------------------------------------------------------------
 class _FeatureStore:
-    """Trunk features of every ref/p0/p1 image, computed once (frozen trunk)."""
+    """Per triplet, what the steps need from the frozen trunk, computed once.
 
-    def __init__(self, model, data: TwoAFCSet, batch_size: int, workers: int, device, progress) -> None:
+    ``diffs=True`` (dropout on): the squared unit differences ref-p0 and ref-p1 per layer (the
+    dropout masks apply to them); else the raw features of ref, p0 and p1 (the fused op
+    normalises them itself and computes the weight gradient).
+    """
+
+    def __init__(self, model, data: TwoAFCSet, batch_size: int, workers: int, device, progress, diffs: bool) -> None:
+        self.diffs = diffs
         self.sides: list[list[torch.Tensor]] | None = None
         shape = None
         with torch.no_grad(), _bar(len(data), "trunk features", progress) as bar:
@@ -135,13 +174,16 @@ class _FeatureStore:
                     )
                 k, b = imgs.shape[:2]
                 feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+                sides = [[f[s * b:(s + 1) * b].float() for f in feats] for s in range(k)]
+                if diffs:
+                    sides = [[unit_diff_sq(r, p) for r, p in zip(sides[0], sides[s])] for s in (1, 2)]
                 if self.sides is None:
-                    self.sides = [[torch.empty((len(data),) + tuple(f.shape[1:]), dtype=torch.float32, device=device)
-                                   for f in feats] for _ in range(k)]
+                    self.sides = [[torch.empty((len(data),) + tuple(t.shape[1:]), dtype=torch.float32, device=device)
+                                   for t in side] for side in sides]
                 idx = torch.as_tensor(rows, device=device)
-                for s in range(k):
-                    for store, f in zip(self.sides[s], feats):
-                        store.index_copy_(0, idx, f[s * b:(s + 1) * b].float().contiguous())
+                for store_side, side in zip(self.sides, sides):
+                    for store, t in zip(store_side, side):
+                        store.index_copy_(0, idx, t.contiguous())
                 bar.update(len(rows))
 
     def nbytes(self) -> int:
@@ -152,6 +194,12 @@ class _FeatureStore:
             rows = order[lo:lo + batch_size]
             idx = torch.as_tensor(rows, device=self.sides[0][0].device)
             yield rows, [[t.index_select(0, idx) for t in side] for side in self.sides]
+
+    def distances(self, model, sides) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.diffs:
+            return lin_distance(model, sides[0]), lin_distance(model, sides[1])
+        return (model.distances(sides[0], sides[1], spatial=False),
+                model.distances(sides[0], sides[2], spatial=False))
 
 
 def _streamed_batches(model, data, order, batch_size, workers, device):
@@ -350,7 +398,7 @@ def train(
         if cache_features and not pnet_tune and start <= total:
             t0 = time.perf_counter()
             model.eval()
-            store = _FeatureStore(model, data, batch_size, workers, dev, progress)
+            store = _FeatureStore(model, data, batch_size, workers, dev, progress, diffs=dropout)
             say(f"trunk features of {3 * len(data)} images cached ({store.nbytes() / 2**20:.1f} MiB) "
                 f"in {time.perf_counter() - t0:.1f} s")
 
@@ -364,9 +412,13 @@ def train(
                        else _streamed_batches(model, data, order, batch_size, workers, dev))
             losses, accs, counts = [], [], []
             with _bar(len(data), f"epoch {epoch}/{total}", progress) as bar:
-                for rows, (fr, f0, f1) in batches:
+                for rows, sides in batches:
                     judge = torch.as_tensor(data.judge[rows], device=dev)
-                    r = train_step(model, head, optimizer, fr, f0, f1, judge)
+                    if store is not None:
+                        d0, d1 = store.distances(model, sides)
+                        r = ranking_step(model, head, optimizer, d0, d1, judge)
+                    else:
+                        r = train_step(model, head, optimizer, *sides, judge)
                     losses.append(r["loss"])
                     accs.append(r["acc"])
                     counts.append(len(rows))
@@ -386,8 +438,7 @@ def train(
         model.eval()
         if store is not None:
             with torch.no_grad():
-                d0 = model.distances(store.sides[0], store.sides[1], spatial=False).flatten().cpu().numpy()
-                d1 = model.distances(store.sides[0], store.sides[2], spatial=False).flatten().cpu().numpy()
+                d0, d1 = (d.flatten().cpu().numpy() for d in store.distances(model, store.sides))
             train_2afc = float(np.mean(twoafc_agreement(d0, d1, data.judge)))
         else:
             train_2afc = score_2afc(model, data.roots, load_size=load_size, batch_size=batch_size,
