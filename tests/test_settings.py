@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,8 +11,6 @@ import pytest
 
 from lpips_fast.serve import cli as serve_cli
 from lpips_fast.settings import SettingsError, load_settings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -151,8 +148,10 @@ def test_without_tomllib_or_tomli_the_error_says_what_to_install(tmp_path, monke
         load_settings(cfg, env={})
 
 
-def test_main_cli_has_the_config_command(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lpips_fast.cli", "config", "show", "--port", "9100"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert any(ln.split()[:2] == ["serve.port", "9100"] for ln in out.stdout.splitlines())
+
+def test_config_file_from_the_environment(tmp_path):
+    cfg = _write(tmp_path / "x.toml", "[log]\nlevel = 'info'\n")
+    s = load_settings(env={"LPIPS_FAST_CONFIG": str(cfg)}, start_dir=tmp_path)
+    assert s["log.level"] == "info" and s.source("log.level") == f"{cfg}:2"
+    with pytest.raises(SettingsError, match=r"config: got .* from env LPIPS_FAST_CONFIG, expected an existing TOML file"):
+        load_settings(env={"LPIPS_FAST_CONFIG": str(tmp_path / "nope.toml")}, start_dir=tmp_path)
