@@ -422,14 +422,17 @@ def _parse_junit(path: Path) -> list[dict]:
 
 def section_tests(run: Run, budget_s: float) -> None:
     sec = run.result["sections"].setdefault("tests", {})
-    # Kernels first (the op under everything), then the Engine, pipeline and fallbacks.
-    files = [str(ROOT / "tests" / "gpu" / f) for f in ("test_cuda_ops.py", "test_cuda_engine.py")]
+    # Kernels first (the ops under everything), then the Engine, pipeline and fallbacks, then any
+    # other CUDA test file.
+    first = ("test_cuda_ops.py", "test_cuda_grouped.py", "test_cuda_engine.py")
+    found = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("test_*.py"))
+    files = [str(ROOT / "tests" / "gpu" / f) for f in [*(f for f in first if f in found), *(f for f in found if f not in first)]]
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "--no-header",
                f"--junitxml={junit}", *files]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        sec["command"] = " ".join(["python", *cmd[1:-2], "tests/gpu"])
+        sec["command"] = " ".join(["python", *cmd[1 : -len(files)], "tests/gpu"])
         sec["budget_s"] = round(budget_s)
         t = time.perf_counter()
         try:

@@ -36,7 +36,7 @@ def test_cpu_walk_of_every_section(tmp_path):
     assert sections["preflight"]["status"] == "pass" and sections["preflight"]["triton_launch"]["ok"]
     tests = sections["tests"]
     assert tests["status"] == "pass" and tests["counts"].get("skipped", 0) >= 20 and not tests["counts"].get("failed")
-    assert {t["test"].split("::")[0].rsplit(".", 1)[-1] for t in tests["tests"]} == {"test_cuda_ops", "test_cuda_engine"}
+    assert {t["test"].split("::")[0].rsplit(".", 1)[-1] for t in tests["tests"]} >= {"test_cuda_ops", "test_cuda_engine"}
     rows = {r["case"]: r for r in data["rows"]}
     assert [r["status"] for r in data["rows"]] == ["pass"] * 5
     e2e = rows["alex 32px b2 fp32"]

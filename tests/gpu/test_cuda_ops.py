@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import assert_within, backward_bounds, feats, forward_bound
+from .cuda_helpers import assert_within, backward_bounds, feats, forward_bound
 from lpips_fast.ops import lpips_distance, lpips_distance_reference
 
 pytestmark = pytest.mark.cuda
