@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 __all__ = [
+    "add_arguments",
+    "from_args",
     "Setting",
     "Settings",
     "SettingsError",
@@ -88,6 +90,7 @@ class Setting:
     secret: bool = False
     flag: str | None = None  # the command-line flag that sets it (besides --set)
     hidden: bool = False  # not listed in --help (still settable and shown)
+    metavar: str | None = None  # for --help (default: from the type or the choices)
 
     def allowed(self) -> str:
         t = self.type
@@ -260,7 +263,8 @@ for _name, _s in {
     define("model", _name, _s)
 
 for _name, _s in {
-    "devices": _S("list", (), "devices, e.g. cpu or cuda:0,cuda:1 (empty: every GPU, else cpu)", flag="--device"),
+    "devices": _S("list", (), "devices, e.g. cpu or cuda:0,cuda:1 (empty: every GPU, else cpu)", flag="--device",
+                  metavar="DEVICE"),
     "max_batch": _S("int", 64, "most pairs per engine call", min=1, flag="--max-batch"),
     "max_delay_ms": _S("float", 2.0, "how long a batch waits for more pairs after its first", min=0, flag="--max-delay-ms"),
     "max_queue": _S("int", 4096, "most pairs waiting for a device (then: wait, or Overloaded)", min=1, flag="--max-queue"),
@@ -270,18 +274,19 @@ for _name, _s in {
 for _name, _s in {
     "host": _S("str", "127.0.0.1", "address to listen on", flag="--host"),
     "port": _S("int", 8080, "TCP port (0: any free port)", min=0, max=65535, flag="--port"),
-    "models": _S("map", {}, "A/B arms NAME=SPEC (SPEC: NET[-vVERSION][@STATE_DICT]); empty: one arm from [model]",
-                 flag="--model"),
-    "split": _S("weights", {}, "traffic share per arm NAME=WEIGHT (empty: equal shares)", flag="--split"),
+    "models": _S("map", {}, "A/B arms NAME=SPEC (SPEC: NET[-vVERSION][@STATE_DICT] or a registered lin set "
+                 "NAME[@N]); empty: one arm from [model]", flag="--model", metavar="NAME=SPEC"),
+    "split": _S("weights", {}, "traffic share per arm NAME=WEIGHT (empty: equal shares)", flag="--split",
+                metavar="NAME=WEIGHT,..."),
     "key_header": _S("str", "x-request-key", "request header whose value picks the arm by a stable hash", flag="--key-header"),
     "max_body_bytes": _S("size", 32 << 20, "largest request body (413 beyond)", min=1, flag="--max-body-bytes"),
     "max_pixels": _S("int", 16_777_216, "largest image in pixels, checked before decoding (413 beyond)", min=1,
                      flag="--max-pixels"),
     "request_timeout_s": _S("float", 30.0, "longest a request may take (504 beyond)", min=0, min_exclusive=True,
-                            flag="--request-timeout"),
+                            flag="--request-timeout", metavar="SECONDS"),
     "max_concurrency": _S("int", 256, "most requests in progress at once (503 beyond)", min=1, flag="--max-concurrency"),
     "shutdown_timeout_s": _S("float", 30.0, "on SIGTERM, how long in-flight requests may finish", min=0,
-                             flag="--shutdown-timeout"),
+                             flag="--shutdown-timeout", metavar="SECONDS"),
     "metrics_json": _S("path", None, "on shutdown, write every counter and histogram here as JSON", nullable=True,
                        flag="--metrics-json"),
     "warmup_size": _S("int", 64, "image size of the warm-up pair run before /readyz turns ready", min=1, hidden=True),
@@ -525,3 +530,54 @@ def load_settings(
             values[key] = v
             sources[key] = src
     return Settings(values=values, sources=sources, config_file=config_file)
+
+
+# -- command lines -----------------------------------------------------------------------------
+_MULTI = ("list", "map", "weights")
+_TYPE_METAVARS = {"path": "PATH", "int": "N", "size": "SIZE", "float": "X", "str": "TEXT", "bool": "BOOL"}
+
+
+def add_arguments(parser: Any, sections: Iterable[str]) -> None:
+    """Add ``--config``, ``--set`` and each flagged key of ``sections`` to an argparse parser.
+
+    Flags default to "not given" (``argparse.SUPPRESS``), so only what the command line says
+    overrides the file and the environment; ``from_args`` turns the parsed namespace into
+    ``Settings``.
+    """
+    import argparse
+
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help=f"TOML settings file (default: ${ENV_CONFIG}, else [tool.lpips-fast] in the nearest pyproject.toml)")
+    parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="set any setting (repeatable), e.g. --set serve.max_concurrency=64")
+    for section in sections:
+        g = parser.add_argument_group(f"[{section}] settings")
+        for name, s in SCHEMA[section].items():
+            if not s.flag:
+                continue
+            kw: dict[str, Any] = {"dest": f"setting__{section}__{name}", "default": argparse.SUPPRESS,
+                                  "help": argparse.SUPPRESS if s.hidden else f"{s.help} [{section}.{name}]"}
+            if s.type == "bool":
+                kw.update(action="store_const", const="true")
+            else:
+                choices = "{" + ",".join(s.choices) + "}" if s.choices else None
+                kw["metavar"] = s.metavar or choices or _TYPE_METAVARS.get(s.type, "X")
+                if s.type in _MULTI:
+                    kw["action"] = "append"
+            g.add_argument(s.flag, **kw)
+
+
+def from_args(args: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """The effective ``Settings`` for a namespace parsed with ``add_arguments``' flags."""
+    flags: list[tuple[str, Any, str]] = []
+    for dest, value in vars(args).items():
+        if not dest.startswith("setting__"):
+            continue
+        _, section, name = dest.split("__", 2)
+        flags.append((f"{section}.{name}", value, SCHEMA[section][name].flag))
+    for item in getattr(args, "set_items", None) or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SettingsError(f"--set: got {item!r}, expected SECTION.KEY=VALUE (e.g. serve.port=9000)")
+        flags.append((key.strip(), value, f"--set {key.strip()}"))
+    return load_settings(getattr(args, "config", None), env=env, flags=flags)

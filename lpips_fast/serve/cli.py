@@ -12,57 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-__all__ = ["add_commands", "settings_from_args"]
+__all__ = ["add_commands"]
 
 _SECTIONS = ("model", "scorer", "serve", "log")
-_MULTI = ("list", "map", "weights")
-_TYPE_METAVARS = {"path": "PATH", "int": "N", "size": "SIZE", "float": "X", "str": "TEXT"}
-_METAVARS = {"scorer.devices": "DEVICE", "serve.models": "NAME=SPEC", "serve.split": "NAME=WEIGHT,...",
-             "serve.max_body_bytes": "SIZE", "serve.request_timeout_s": "SECONDS", "serve.shutdown_timeout_s": "SECONDS"}
-
-
-def _add_setting_flags(p: argparse.ArgumentParser) -> None:
-    from ..settings import SCHEMA
-
-    p.add_argument("--config", metavar="PATH", default=None,
-                   help="TOML settings file (default: $LPIPS_FAST_CONFIG, else [tool.lpips-fast] in the nearest pyproject.toml)")
-    p.add_argument("--set", dest="set_items", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="set any setting (repeatable), e.g. --set serve.max_concurrency=64")
-    for section in _SECTIONS:
-        g = p.add_argument_group(f"[{section}] settings")
-        for name, s in SCHEMA[section].items():
-            if not s.flag:
-                continue
-            kw: dict[str, Any] = {"dest": f"setting__{section}__{name}", "default": argparse.SUPPRESS,
-                                  "help": argparse.SUPPRESS if s.hidden else f"{s.help} [{section}.{name}]"}
-            if s.type == "bool":
-                kw.update(action="store_const", const="true")
-            else:
-                default_mv = "{" + ",".join(s.choices) + "}" if s.choices else _TYPE_METAVARS.get(s.type, "X")
-                kw.update(metavar=_METAVARS.get(f"{section}.{name}", default_mv))
-                if s.type in _MULTI:
-                    kw["action"] = "append"
-            g.add_argument(s.flag, **kw)
-
-
-def settings_from_args(args: argparse.Namespace):
-    """The effective ``Settings`` for parsed arguments (flags that were given override the rest)."""
-    from ..settings import SCHEMA, SettingsError, load_settings
-
-    flags: list[tuple[str, Any, str]] = []
-    for dest, value in vars(args).items():
-        if not dest.startswith("setting__"):
-            continue
-        _, section, name = dest.split("__", 2)
-        flags.append((f"{section}.{name}", value, SCHEMA[section][name].flag))
-    for item in args.set_items:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SettingsError(f"--set: got {item!r}, expected SECTION.KEY=VALUE (e.g. serve.port=9000)")
-        flags.append((key.strip(), value, f"--set {key.strip()}"))
-    return load_settings(args.config, flags=flags)
 
 
 def _fail(command: str, e: Exception) -> int:
@@ -71,10 +24,10 @@ def _fail(command: str, e: Exception) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from ..settings import SettingsError
+    from ..settings import SettingsError, from_args
 
     try:
-        settings = settings_from_args(args)
+        settings = from_args(args)
     except SettingsError as e:
         return _fail("config", e)
     if args.json:
@@ -90,10 +43,10 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..settings import SettingsError
+    from ..settings import SettingsError, from_args
 
     try:
-        settings = settings_from_args(args)
+        settings = from_args(args)
         from .app import check_arms, run
 
         check_arms(settings)
@@ -107,6 +60,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``serve`` and ``config`` on the main CLI's sub-parsers."""
+    from ..settings import add_arguments  # stdlib only: cheap at parser-build time
+
     fmt = argparse.RawDescriptionHelpFormatter
     s = subparsers.add_parser(
         "serve", help="HTTP service: LPIPS over POST /v1/distance, A/B arms, /metrics", formatter_class=fmt,
@@ -115,7 +70,7 @@ def add_commands(subparsers) -> None:
         "  lpips-fast serve --model a=alex-v0.1 --model b=vgg-v0.1 --split a=0.9,b=0.1\n\n"
         "Endpoints: POST /v1/distance, /v1/distance/batch, /v1/map; GET /healthz, /readyz, /metrics, /v1/models.",
     )
-    _add_setting_flags(s)
+    add_arguments(s, _SECTIONS)
     s.set_defaults(func=_cmd_serve)
 
     c = subparsers.add_parser("config", help="show the effective settings and where each came from")
@@ -127,7 +82,7 @@ def add_commands(subparsers) -> None:
         "with where each came from. Secrets are never printed.\n\n  lpips-fast config show --port 9000",
     )
     show.add_argument("--json", action="store_true", help="print JSON")
-    _add_setting_flags(show)
+    add_arguments(show, _SECTIONS)
     show.set_defaults(func=_cmd_config_show)
 
 
