@@ -153,7 +153,8 @@ def test_distance_multipart_and_json_equal_lpips(server, models):
         assert body["arm"] == arm and r.headers["x-lpips-arm"] == arm
         assert body["model"].startswith("alex-v0.1@") and body["ms"] > 0
         assert abs(body["lpips"] - _ref(models[arm][0], a, b)) <= TOL
-        doc = {"img0": base64.b64encode(_png(a)).decode(), "img1": base64.b64encode(_png(b)).decode()}
+        doc = {"img0": base64.encodebytes(_png(a)).decode(),  # wrapped at 76 characters
+               "img1": "data:image/png;base64," + base64.b64encode(_png(b)).decode()}
         r2 = server.client.post("/v1/distance", json=doc, headers=key)
         assert r2.status_code == 200 and r2.json()["lpips"] == body["lpips"]
 

@@ -287,6 +287,7 @@ def _b64(value: Any, name: str) -> bytes:
         raise HTTPError(400, "bad_request", f"{name}: expected a base64 string, got {type(value).__name__}")
     if value.startswith("data:") and "," in value:  # a data URL
         value = value.split(",", 1)[1]
+    value = "".join(value.split())  # line-wrapped base64 (the base64 tool's default)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
