@@ -500,7 +500,10 @@ def _ratios(row: dict) -> None:
             }
 
 
-def row_end_to_end(run: Run, row: dict, net: str, px: int, n: int, dtype: torch.dtype) -> None:
+def row_end_to_end(run: Run, row: dict, net: str, px: int, n: int, dtype: torch.dtype, compiled: bool = False) -> None:
+    """reference, default (LPIPS.forward) and the Engine with CUDA graphs (eager on the CPU); with
+    ``compiled``, reference and the torch.compile'd Engine with graphs only (its own row, late, so
+    that a slow compile cannot eat the budget of the rows before it)."""
     dev = run.device
     ref, ours = make_models(net, dev)
     x, y = random_u8(n, px, dev, 60), random_u8(n, px, dev, 61)
@@ -517,12 +520,14 @@ def row_end_to_end(run: Run, row: dict, net: str, px: int, n: int, dtype: torch.
         return check
 
     with torch.no_grad():
-        for name, fn, tol in (("reference", lambda: ref(xf, yf), None), ("default", lambda: ours(xf, yf), 1e-5)):
+        plain = [("reference", lambda: ref(xf, yf), None), ("default", lambda: ours(xf, yf), 1e-5)]
+        for name, fn, tol in plain[:1] if compiled else plain:
             _measure(run, row, name, fn, checker(fn, tol) if tol else None)
-        engines = [("engine_graphs" if run.cuda else "engine", False)]
-        if run.cuda:
-            engines.append(("engine_compiled_graphs", True))
-        for name, compiled in engines:
+        if compiled:
+            name = "engine_compiled_graphs" if run.cuda else "engine_compiled"
+        else:
+            name = "engine_graphs" if run.cuda else "engine"
+        for name, compiled in [(name, compiled)]:
             run.check_time()
             e = Engine(model=ours, device=dev, dtype=dtype, compile=compiled, cuda_graphs=run.cuda)
             fn = lambda e=e: e(x, y)  # noqa: E731
@@ -773,29 +778,37 @@ ALEX224 = [(64, 64, 55, 55), (64, 192, 27, 27), (64, 384, 13, 13), (64, 256, 13,
 
 
 def cuda_rows() -> list:
-    """(case, budget share, function, kwargs, target), most valuable first."""
+    """(case, budget share, function, kwargs, target), most valuable first. torch.compile'd
+    engines have rows of their own after the targets and the distance step."""
+    e2e = row_end_to_end
     return [
-        ("alex 64px b64 fp32", 60, row_end_to_end, dict(net="alex", px=64, n=64, dtype=torch.float32),
+        ("alex 64px b64 fp32", 40, e2e, dict(net="alex", px=64, n=64, dtype=torch.float32),
          {"provider": "engine_graphs", "ratio": 5.0}),
-        ("alex 256px b64 bf16", 60, row_end_to_end, dict(net="alex", px=256, n=64, dtype=torch.bfloat16),
+        ("alex 256px b64 bf16", 40, e2e, dict(net="alex", px=256, n=64, dtype=torch.bfloat16),
          {"provider": "engine_graphs", "ratio": 4.0}),
-        ("vgg 256px b32 bf16", 75, row_end_to_end, dict(net="vgg", px=256, n=32, dtype=torch.bfloat16),
+        ("vgg 256px b32 bf16", 50, e2e, dict(net="vgg", px=256, n=32, dtype=torch.bfloat16),
          {"provider": "engine_graphs", "ratio": 2.0}),
         ("loss alex 256px b32 fp32", 30, row_loss, dict(net="alex", px=256, n=32),
          {"provider": "default", "peak_memory_ratio": 0.7}),
         ("distance vgg256 b16 bf16", 20, row_distance, dict(shapes=VGG256, dtype=torch.bfloat16),
          {"provider": "fused", "over_read_once": 1.5}),
-        ("distance vgg256 b16 fp32", 20, row_distance, dict(shapes=VGG256, dtype=torch.float32),
+        ("distance vgg256 b16 fp32", 15, row_distance, dict(shapes=VGG256, dtype=torch.float32),
          {"provider": "fused", "over_read_once": 1.5}),
-        ("distance alex224 b64 bf16", 20, row_distance, dict(shapes=ALEX224, dtype=torch.bfloat16), None),
-        ("squeeze 224px b64 bf16", 45, row_end_to_end, dict(net="squeeze", px=224, n=64, dtype=torch.bfloat16), None),
+        ("distance alex224 b64 bf16", 15, row_distance, dict(shapes=ALEX224, dtype=torch.bfloat16), None),
+        ("alex 256px b64 bf16 compiled", 60, e2e, dict(net="alex", px=256, n=64, dtype=torch.bfloat16, compiled=True),
+         {"provider": "engine_compiled_graphs", "ratio": 4.0}),
+        ("squeeze 224px b64 bf16", 30, e2e, dict(net="squeeze", px=224, n=64, dtype=torch.bfloat16), None),
         ("pipeline alex 256px b64 x10", 30, row_pipeline, dict(net="alex", nb=10, n=64, px=256), None),
+        ("alex 64px b64 fp32 compiled", 50, e2e, dict(net="alex", px=64, n=64, dtype=torch.float32, compiled=True),
+         {"provider": "engine_compiled_graphs", "ratio": 5.0}),
         ("nvtx", 40, row_nvtx, {}, None),
     ]  # fmt: skip
 
 
 def cpu_rows() -> list:
-    """The same row functions with tiny shapes: their code paths on the CPU."""
+    """The same row functions with tiny shapes: their code paths on the CPU (the compiled rows
+    differ from the others by one Engine flag, and an Inductor compile on the CPU costs ~30 s:
+    left out; tests/gpu/test_cuda_engine.py checks the compiled Engine on CUDA)."""
     tiny = [(2, c, 8 >> k or 1, 8 >> k or 1) for k, c in enumerate((64, 192, 384, 256, 256))]
     return [
         ("alex 32px b2 fp32", 30, row_end_to_end, dict(net="alex", px=32, n=2, dtype=torch.float32), None),
@@ -869,11 +882,13 @@ def summary(result: dict) -> str:
     for name, sec in result["sections"].items():
         lines.append(f"{name:<10} {sec.get('status', '?'):<8} {sec.get('counts', '')} {sec.get('note', '')}".rstrip())
     lines.append("")
-    lines.append("| row | status | reference | default | engine(_graphs) | compiled+graphs | note |")
+    lines.append("| row | status | reference | default | engine(_graphs) | compiled(+graphs) | note |")
     lines.append("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         cells = []
-        for p in ("reference", "default", "engine_graphs" if result["mode"] == "cuda" else "engine", "engine_compiled_graphs"):
+        cuda = result["mode"] == "cuda"
+        for p in ("reference", "default", "engine_graphs" if cuda else "engine",
+                  "engine_compiled_graphs" if cuda else "engine_compiled"):  # fmt: skip
             v = r.get("providers", {}).get(p)
             ratio = r.get("ratio_wall", {}).get(p)
             cells.append(f"{v['pairs_per_s']:,.0f}/s ({ratio:.2f}x)" if v and "pairs_per_s" in v and ratio else "")
