@@ -375,22 +375,29 @@ class Scorer:
             fut.cancel()
             raise TimeoutError(f"score: no result within timeout={timeout} s") from None
 
-    async def score_async(self, img0: Any, img1: Any) -> Any:
+    async def score_async(self, img0: Any, img1: Any, *, wait: bool = True) -> Any:
         """LPIPS of one pair, awaited; encoded images are decoded in a worker thread.
 
-        Waits (asynchronously) for queue room. Cancelling the awaiting task cancels the pair
-        if it has not started.
+        With a full queue: waits (asynchronously) for room, or with ``wait=False`` raises
+        ``Overloaded`` (what a service shedding load wants). Cancelling the awaiting task cancels
+        the pair if it has not started.
         """
+        if self._closed:
+            raise RuntimeError("Scorer is closed")
         if _needs_decoding(img0) or _needs_decoding(img1):
             prepared = await asyncio.to_thread(self._prepare, img0, img1)
         else:
             prepared = self._prepare(img0, img1)
+        self._m_requests.inc()
         delay = 0.001
         while True:
             try:
                 fut = self._enqueue(prepared, block=False, timeout=None)
                 break
             except Overloaded:
+                if not wait:
+                    self._m_errors.inc(kind="overloaded")
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(0.05, delay * 2)
         return await asyncio.wrap_future(fut)
@@ -480,10 +487,16 @@ class Scorer:
     def _submit(self, img0: Any, img1: Any, block: bool, timeout: float | None) -> concurrent.futures.Future:
         if self._closed:
             raise RuntimeError("Scorer is closed")
-        return self._enqueue(self._prepare(img0, img1), block=block, timeout=timeout)
+        prepared = self._prepare(img0, img1)
+        self._m_requests.inc()
+        try:
+            return self._enqueue(prepared, block=block, timeout=timeout)
+        except (Overloaded, TimeoutError):
+            self._m_errors.inc(kind="overloaded")
+            raise
 
     def _enqueue(self, prepared: _Pair | InvalidInput, block: bool, timeout: float | None) -> concurrent.futures.Future:
-        self._m_requests.inc()
+        """Queue a prepared pair (an invalid one gets a failed future). Counts nothing but input errors."""
         if isinstance(prepared, InvalidInput):
             self._m_errors.inc(kind=prepared.kind)
             log.debug("rejected pair: %s", prepared)
@@ -496,13 +509,11 @@ class Scorer:
                 raise RuntimeError("Scorer is closed")
             if self._queued >= self.max_queue:
                 if not block:
-                    self._m_errors.inc(kind="overloaded")
                     raise Overloaded(f"Scorer: {self._queued} pairs already queued (max_queue={self.max_queue}); retry later")
                 ok = self._room.wait_for(lambda: self._queued < self.max_queue or self._closed, timeout)
                 if self._closed:
                     raise RuntimeError("Scorer is closed")
                 if not ok:
-                    self._m_errors.inc(kind="overloaded")
                     raise TimeoutError(f"score: the queue stayed full (max_queue={self.max_queue}) for {timeout} s")
             p.t0 = time.perf_counter()
             group = self._groups.setdefault(p.key, collections.deque())

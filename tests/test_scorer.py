@@ -265,3 +265,28 @@ def test_from_settings_reads_model_and_scorer_sections(tmp_path):
         assert scorer.devices == ["cpu#0", "cpu#1"] and scorer.max_batch == 8 and scorer.max_delay == 0.05
         a, b = _rand_pair()
         assert abs(scorer.score(a, b, timeout=60) - _ref(want, a, b)) <= TOL
+
+
+def test_score_async_waits_for_room_or_sheds_load(model):
+    gate = threading.Event()
+    eng = FakeEngine(Engine(model=model, device="cpu"), lambda a, b: gate.wait(30))
+
+    async def main(scorer):
+        first = asyncio.ensure_future(scorer.score_async(*_rand_pair()))
+        while not eng.batches:  # the worker holds the first pair at the gate
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(scorer.score_async(*_rand_pair()))  # fills the queue (max_queue=1)
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await scorer.score_async(*_rand_pair(), wait=False)
+        waiting = asyncio.ensure_future(scorer.score_async(*_rand_pair()))  # waits for room
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, queued, waiting), 60)
+
+    with Scorer(engines=[eng], max_batch=1, max_delay_ms=0, max_queue=1) as scorer:
+        values = asyncio.run(main(scorer))
+        stats = scorer.stats()
+    assert all(isinstance(v, float) for v in values)
+    assert stats["requests"] == 4 and stats["pairs_scored"] == 3 and stats["errors"] == {"overloaded": 1}

@@ -272,7 +272,7 @@ class Service:
 
     async def score(self, scorer: Scorer, img0: bytes, img1: bytes) -> Any:
         try:
-            return await asyncio.wait_for(scorer.score_async(img0, img1), self.timeout)
+            return await asyncio.wait_for(scorer.score_async(img0, img1, wait=False), self.timeout)
         except InvalidInput as e:
             raise HTTPError(_INPUT_STATUS.get(e.kind, 400), e.kind, str(e)) from None
         except Overloaded as e:
