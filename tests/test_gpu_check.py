@@ -92,3 +92,17 @@ def test_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--cpu", "--budget-s", "0"])
     assert exc.value.code == 2
+
+
+def test_end_to_end_row_cuda_branches_walked_on_cpu(tmp_path):
+    """The CUDA-only branches of the end-to-end row (fp32 engine checked on one instance, timed on
+    another; compiled-row provider naming), walked with CPU tensors."""
+    import torch
+
+    run = _run(tmp_path)
+    run.cuda = True  # the device stays the CPU: graphs are ignored there, gpu_ms is None
+    row = {"case": "squeeze fp32", "providers": {}, "batch": 2}
+    gpu_check.row_end_to_end(run, row, net="squeeze", px=32, n=2, dtype=torch.float32)
+    assert set(row["providers"]) == {"reference", "default", "engine_graphs"}
+    assert row["providers"]["engine_graphs"]["ok"] and row["providers"]["engine_graphs"]["gpu_ms"] is None
+    assert row["ratio_wall"]["reference"] == 1.0 and not run.result["failures"]
