@@ -432,12 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a parse error (2)
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     from .errors import OptionError
+    from .writers import OutputWriteError
 
     try:
         return int(args.func(args) or 0)
     except (UsageError, OptionError) as e:
         _print(f"lpips-fast {args.command}: error: {' '.join(str(e).split())}", sys.stderr)
         return EXIT_USAGE
+    except OutputWriteError as e:
+        _print(f"lpips-fast {args.command}: error: {e}", sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         _print("lpips-fast: interrupted (rows written so far are kept; rerun with --resume)", sys.stderr)
         return 130

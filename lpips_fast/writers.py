@@ -27,7 +27,7 @@ from typing import Iterable, TextIO
 
 __all__ = [
     "Row", "COLUMNS", "RowWriter", "read_existing", "looks_like", "format_from_path", "Stats", "ExistingRows",
-    "RunOutput", "settings_path", "check_new_file",
+    "RunOutput", "settings_path", "check_new_file", "OutputWriteError",
 ]
 
 COLUMNS = ("path0", "path1", "lpips", "error")
@@ -253,6 +253,10 @@ def read_existing(path: str, fmt: str) -> ExistingRows:
     return out
 
 
+class OutputWriteError(OSError):
+    """Writing rows failed (disk full, I/O error); the message says which file and what to do."""
+
+
 class RowWriter:
     """Append rows to a file (or stdout) as CSV or JSON Lines, flushed after every ``write``."""
 
@@ -279,7 +283,14 @@ class RowWriter:
                 text.encode(enc)
             except (UnicodeEncodeError, LookupError):
                 text = text.encode(enc, "backslashreplace").decode(enc, "replace")
-        self._f.write(text)
+        try:
+            self._f.write(text)
+        except OSError as e:
+            raise OutputWriteError(self._failure(e)) from None
+
+    def _failure(self, e: OSError) -> str:
+        where = self.path if self._own else "stdout"
+        return f"cannot write to {where}: {e.strerror or e} (the rows flushed before are kept; fix it and rerun with --resume)"
 
     def write(self, rows: Iterable[Row]) -> None:
         if self.fmt == "csv":
@@ -313,16 +324,22 @@ class RowWriter:
         self.flush()
 
     def flush(self) -> None:
-        self._f.flush()
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise OutputWriteError(self._failure(e)) from None
 
     def close(self) -> None:
-        if self._own:
+        if self._own and not self._f.closed:
             try:
                 self._f.flush()
                 os.fsync(self._f.fileno())
             except OSError:
                 pass
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
 
     def __enter__(self):
         return self

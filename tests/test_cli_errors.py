@@ -116,3 +116,15 @@ def test_non_utf8_file_names_keep_every_row(w, tmp_path):
     jl = str(tmp_path / "o.jsonl")
     assert cli.main(["dirs", str(d0), str(d1), "-o", jl, "--state-dict", w["sd"], *COMMON]) == 0
     assert len(open(jl, encoding="utf-8").read().splitlines()) == 3  # JSON escapes it: valid UTF-8
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_while_writing_is_one_line_not_a_traceback(w, monkeypatch, capsys):
+    import lpips_fast.writers as writers
+
+    with pytest.raises(writers.OutputWriteError, match="No space left"):
+        writers.RowWriter("/dev/full", "csv")
+    monkeypatch.setattr(writers, "check_new_file", lambda *a, **k: None)  # as if the disk filled up later
+    rc = cli.main(["dirs", w["d0"], w["d1"], "-o", "/dev/full", "--state-dict", w["sd"], *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "No space left" in err and "--resume" in err, err
