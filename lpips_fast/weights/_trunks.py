@@ -38,7 +38,6 @@ from ._files import (
     WeightsIntegrityError,
     WeightsNotFoundError,
     content_sha256,
-    load_safetensors_verified,
     read_checkpoint,
     manifest,
     sha256_bytes,
