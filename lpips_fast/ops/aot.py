@@ -151,7 +151,8 @@ def _work(task):
 
 
 def compile_all(specs: list, archs: Sequence[int], jobs: int = 1, progress=None) -> List[Dict[str, Any]]:
-    """Compile every spec for every arch, ``jobs`` processes in parallel; records in input order."""
+    """Compile every spec for every arch, ``jobs`` processes in parallel; records in input order.
+    ``progress(done, total, record)`` is called after each compile, in completion order."""
     global _SPECS
     _SPECS = list(specs)
     tasks = [(i, a) for a in archs for i in range(len(specs))]
@@ -160,7 +161,7 @@ def compile_all(specs: list, archs: Sequence[int], jobs: int = 1, progress=None)
         for t in tasks:
             results.append(_work(t))
             if progress:
-                progress(len(results), len(tasks))
+                progress(len(results), len(tasks), results[-1])
         return results
     results: List[Optional[dict]] = [None] * len(tasks)
     ctx = multiprocessing.get_context("fork")  # the workers inherit _SPECS (JIT functions do not pickle)
@@ -169,7 +170,7 @@ def compile_all(specs: list, archs: Sequence[int], jobs: int = 1, progress=None)
         for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             results[futures[fut]] = fut.result()
             if progress:
-                progress(done, len(tasks))
+                progress(done, len(tasks), results[futures[fut]])
     return results  # type: ignore[return-value]
 
 
@@ -242,9 +243,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     print(f"compiling {len(specs)} specs x {len(archs)} arch(s) with {args.jobs} process(es)", flush=True)
 
-    def progress(done: int, total: int) -> None:
-        if done % 100 == 0 or done == total:
+    partial: List[dict] = []
+
+    def progress(done: int, total: int, rec: dict) -> None:
+        partial.append(rec)
+        if done % 50 == 0 or done == total:
             print(f"  {done}/{total} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if args.json and done < total:  # a run cut short keeps what it compiled
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(partial, indent=1))
 
     try:
         records = compile_all(specs, archs, jobs=args.jobs, progress=progress)
