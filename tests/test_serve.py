@@ -283,7 +283,7 @@ def test_debug_log_has_one_json_line_per_request(server):
 def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
     token = "t0ken-for-the-test"
     metrics_json = tmp_path / "metrics.json"
-    srv = Server(["--state-dict", str(models["a"][1]), "--max-delay-ms", "1500", "--shutdown-timeout", "20",
+    srv = Server(["--state-dict", str(models["a"][1]), "--max-delay-ms", "3000", "--shutdown-timeout", "20",
                   "--log-level", "info", "--metrics-json", str(metrics_json)],
                  tmp_path / "server.log", env={"LPIPS_FAST_SERVE_AUTH_TOKEN": token})
     try:
@@ -296,7 +296,9 @@ def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
         t = threading.Thread(target=lambda: out.update(r=srv.client.post(
             "/v1/distance", files={"img0": _png(a), "img1": _png(b)}, headers=auth)))
         t.start()
-        time.sleep(0.5)  # the pair now waits out its 1.5 s batching delay inside the server
+        deadline = time.monotonic() + 20  # until the request is inside (its pair waits 3 s to batch)
+        while "lpips_fast_http_in_flight 1.0" not in srv.client.get("/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.02)
         srv.proc.send_signal(signal.SIGTERM)
         t.join(30)
         assert not t.is_alive()
@@ -405,8 +407,8 @@ def test_timeout_and_concurrency_limits_in_process(models, tmp_path):
     from lpips_fast.serve.app import create_app
     from lpips_fast.settings import load_settings
 
-    flags = {"model.state_dict": (str(models["a"][1]), "--state-dict"), "scorer.max_delay_ms": ("1500", "--x"),
-             "serve.request_timeout_s": ("0.3", "--x"), "serve.max_concurrency": ("1", "--x")}
+    flags = {"model.state_dict": (str(models["a"][1]), "--state-dict"), "scorer.max_delay_ms": ("20000", "--x"),
+             "serve.request_timeout_s": ("2", "--x"), "serve.max_concurrency": ("1", "--x")}
     settings = load_settings(env={}, start_dir=tmp_path, flags=flags)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
@@ -426,7 +428,7 @@ def test_timeout_and_concurrency_limits_in_process(models, tmp_path):
             files = {"img0": _png(_image(60)), "img1": _png(_image(61))}
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 slow = pool.submit(c.post, "/v1/distance", files=files)
-                # Wait until the first request holds the only slot (its pair waits 1.5 s to batch).
+                # Wait until the first request holds the only slot (its pair would wait 20 s to batch).
                 deadline = time.monotonic() + 10
                 while "lpips_fast_http_in_flight 1.0" not in c.get("/metrics").text and time.monotonic() < deadline:
                     time.sleep(0.02)
