@@ -94,7 +94,7 @@ def test_values_equal_lpips_for_every_input_kind_and_both_devices_work(model, tm
 
 def test_pairs_are_coalesced_per_shape(model):
     eng = FakeEngine(Engine(model=model, device="cpu"))
-    with Scorer(engines=[eng], max_batch=8, max_delay_ms=300) as scorer:
+    with Scorer(engines=[eng], max_batch=8, max_delay_ms=1000) as scorer:
         futs = [scorer.submit(*_rand_pair(64, 64)) for _ in range(8)]
         futs += [scorer.submit(*_rand_pair(48, 40)) for _ in range(3)]
         concurrent.futures.wait(futs, timeout=60)
