@@ -17,8 +17,8 @@ Layout of a cache directory::
   evicted (rows deleted in one transaction, then the files unlinked) until the total fits.
   A read refreshes its shards' ``last_used``.
 
-Integrity: every entry's index row holds a BLAKE2b hash of its tensors (names, dtypes, shapes and
-bytes), checked on every read. An entry whose bytes no longer match (bit rot, a modified or
+Integrity: every entry's index row holds a CRC-32 of its tensors (dtypes, shapes and bytes),
+checked on every read. An entry whose bytes no longer match (bit rot, a modified or
 truncated shard), or a shard that cannot be parsed, is a miss: it is dropped from the index and
 recomputed, with one warning per cache object. An index that SQLite cannot read (garbage,
 truncated) is moved aside to ``index.sqlite.corrupt-<time>`` and rebuilt empty, with a warning.
@@ -35,6 +35,7 @@ import sqlite3
 import time
 import uuid
 import warnings
+import zlib
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -63,14 +64,24 @@ DEFAULT_MAX_BYTES = 10 * 1024**3
 ORPHAN_AGE_S = 600.0
 
 
+_DIGEST = "crc32:"
+
+
 def entry_digest(tensors: Sequence[torch.Tensor]) -> str:
-    """BLAKE2b of a feature list: each tensor's dtype, shape and bytes, in order."""
-    h = hashlib.blake2b(digest_size=16)
+    """Checksum of a feature list: CRC-32 over each tensor's dtype, shape and bytes, in order.
+
+    CRC-32 detects every burst of up to 32 flipped bits and any other damage with probability
+    1 - 2^-32; it guards against corruption, not against someone who can write to the cache.
+    It runs at memory speed (~1 GB/s), where a cryptographic hash would add noticeably to a
+    cached run.
+    """
+    crc = 0
     for t in tensors:
         t = t.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        crc = zlib.crc32(f"{t.dtype}|{tuple(t.shape)}|".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{_DIGEST}{crc:08x}"
 
 
 def _corrupt_index(e: BaseException) -> bool:
@@ -265,6 +276,7 @@ class FeatureCache:
         bad: list[str] = []
         bad_shards: list[str] = []
         gone: list[str] = []
+        stale: list[str] = []
         used = []
         for shard, items in by_shard.items():
             path = os.path.join(self.shard_dir, shard)
@@ -275,7 +287,9 @@ class FeatureCache:
                             feats = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
                         except Exception:
                             feats = None
-                        if feats is None or dg is None or entry_digest(feats) != dg:
+                        if dg is None or not dg.startswith(_DIGEST):
+                            stale.append(k)  # written without a checksum: a silent miss, rewritten
+                        elif feats is None or entry_digest(feats) != dg:
                             bad.append(k)
                         else:
                             found[k] = feats
@@ -287,9 +301,10 @@ class FeatureCache:
                 bad_shards.append(shard)
         if bad or bad_shards:
             self._drop(bad, bad_shards)
-        if gone:
+        if gone or stale:
             try:
                 with self._tx() as c:
+                    c.executemany("DELETE FROM entries WHERE key=?", [(k,) for k in stale])
                     for name in gone:
                         if not os.path.exists(os.path.join(self.shard_dir, name)):
                             c.execute("DELETE FROM entries WHERE shard=?", (name,))

@@ -285,3 +285,20 @@ def test_orphaned_shards_are_evicted(tmp_path):
     assert not os.path.exists(old) and os.path.exists(fresh)  # a fresh one may be a writer's, not yet committed
     assert set(c2.get_many(["a"])) == {"a"}
     assert c2.evict_orphans(min_age_s=0) == 1 and not os.path.exists(fresh)
+
+
+def test_entries_without_a_checksum_are_silent_misses(tmp_path, recwarn):
+    import sqlite3
+
+    c = FeatureCache(str(tmp_path / "c"))
+    c.put_many({"a": _feats(0), "b": _feats(1)})
+    c.close()
+    con = sqlite3.connect(os.path.join(c.root, "index.sqlite"))
+    con.execute("UPDATE entries SET digest=NULL WHERE key='a'")  # as an index written before checksums
+    con.commit()
+    con.close()
+    c2 = FeatureCache(c.root)
+    assert set(c2.get_many(["a", "b"])) == {"b"} and len(c2) == 1
+    assert not [w for w in recwarn if "feature cache" in str(w.message)]
+    c2.put_many({"a": _feats(0)})
+    assert torch.equal(c2.get_many(["a"])["a"][0], _feats(0)[0])
