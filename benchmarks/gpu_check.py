@@ -360,6 +360,9 @@ def section_preflight(run: Run) -> bool:
         except Exception as exc:
             sec[mod] = None
             missing.append(f"python package {mod!r} does not import ({type(exc).__name__}: {exc})")
+    sec["pytest"] = getattr(__import__("pytest"), "__version__", "ok") if _importable("pytest") else None
+    if sec["pytest"] is None:
+        print("  preflight: pytest is not installed: the tests section cannot run (the rows still will)", flush=True)
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     sec["c_compiler"] = shutil.which(cc) if cc else None
     if not sec["c_compiler"]:
@@ -422,6 +425,10 @@ def _parse_junit(path: Path) -> list[dict]:
 
 def section_tests(run: Run, budget_s: float) -> None:
     sec = run.result["sections"].setdefault("tests", {})
+    if not _importable("pytest"):
+        sec["status"] = "not run"
+        run.fail("tests: pytest is not installed here (pip install pytest, or copy its wheel): tests/gpu not run")
+        return
     # Kernels first (the ops under everything), then the Engine, pipeline and fallbacks, then any
     # other CUDA test file.
     first = ("test_cuda_ops.py", "test_cuda_grouped.py", "test_cuda_engine.py")
