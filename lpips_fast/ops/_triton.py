@@ -193,7 +193,7 @@ def _config(c: int, p: int, acc: torch.dtype = torch.float32) -> Tuple[int, int,
     ``int()`` first: in opcheck's dynamic-shape tests the sizes arrive as SymInts, and constexprs
     and num_warps must be concrete (this specialises the trace on C and on P's tile, which the
     compiled kernel needs anyway). Checked with torch 2.14.1 / triton 3.8 (tests/test_aot.py
-    traces it symbolically); torch 2.11 / triton 3.6 on the GPU machine take the same path.
+    traces it symbolically); on torch 2.11 / triton 3.6 tests/gpu's opcheck runs it on CUDA.
     """
     c, p = int(c), int(p)
     words = 2 if acc == torch.float64 else 1  # 32-bit registers per accumulated value
