@@ -85,7 +85,7 @@ def test_steps_equal_reference_trainer(hard_set):
         ours.append((model, head, make_optimizer(model, head, lr=1e-4, beta1=0.5)))
 
     data = open_2afc(hard_set)
-    for step, rows in enumerate([list(range(0, 12)), list(range(12, 24)), list(range(30, 50))]):
+    for step, rows in enumerate([list(range(0, 8)), list(range(8, 16)), list(range(30, 40))]):
         if step == 2:
             # Every weight in play (the random start loses about half to the first clamp).
             with torch.no_grad():
@@ -119,7 +119,7 @@ def test_steps_equal_reference_trainer(hard_set):
             for (name, a), (_, r) in zip(head.state_dict().items(), tr.rankLoss.net.state_dict().items()):
                 torch.testing.assert_close(a, r, rtol=0, atol=1e-6, msg=name)
     for model, _, _ in ours:
-        assert all(float(lin.weight.min()) >= 0 for lin in model.lins)
+        assert all(float(lin.weight.detach().min()) >= 0 for lin in model.lins)
         assert sum(int((lin.weight > 0).sum()) for lin in model.lins) > 1000  # of 1152
 
 
@@ -185,7 +185,7 @@ def test_output_loads_with_metadata_and_scores_as_reported(hard_set, tmp_path):
 def test_training_recovers_the_teacher(hard_set):
     uniform = lpips_fast.LPIPS(net="alex", lpips=False)
     start = score_2afc(uniform, hard_set)
-    res = train(hard_set, epochs=6, decay_epochs=2, batch_size=16, lr=1e-2, init="uniform", dropout=False)
+    res = train(hard_set, epochs=5, decay_epochs=0, batch_size=16, lr=1e-2, init="uniform", dropout=False)
     assert res.train_2afc >= start + 0.1, (start, res.train_2afc)
 
 

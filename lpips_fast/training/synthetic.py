@@ -12,7 +12,8 @@ each (blur, noise, JPEG, contrast, colour shift, pixelation, each at a random st
 - JND: ``same = 1[d < median(d)]`` with ``temperature=0``, else
   ``sigmoid((median(d) - d) / temperature)``, with ``d`` the teacher distance of the pair.
 
-A teacher's own 2AFC score on its hard-judged set is therefore 1.0. With ``max_gap`` only
+Triplets whose two teacher distances agree to 1e-5 (relative) are not written, so the teacher's
+own 2AFC score on its hard-judged set is 1.0 however the distances are batched. With ``max_gap`` only
 triplets whose two teacher distances are close are kept: on those the choice depends on how the
 metric weighs the trunk's channels, which is what training the lin layers can learn.
 """
@@ -30,6 +31,7 @@ from .bapps import IMAGE_EXTENSIONS, read_rgb, to_input
 __all__ = ["DISTORTIONS", "distort", "make_2afc", "make_jnd", "load_sources"]
 
 DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "color", "pixelate")
+_TIE = 1e-5  # relative distance gap below which a 2AFC triplet counts as a tie and is not written
 
 
 def distort(img: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -108,6 +110,10 @@ def _random_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _teacher_fn(teacher) -> Callable:
+    """``fn(anchor, [others...]) -> [distances...]``: anchor against each of the other batches.
+
+    An LPIPS teacher runs its trunk once over the anchor and the others together.
+    """
     import torch
 
     if teacher is None:
@@ -117,20 +123,24 @@ def _teacher_fn(teacher) -> Callable:
     if isinstance(teacher, torch.nn.Module):
         model = teacher.eval()
 
-        def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        def fn(anchor: np.ndarray, others: list[np.ndarray]) -> list[np.ndarray]:
+            dev = next(model.parameters()).device
+            b = len(anchor)
             with torch.no_grad():
-                dev = next(model.parameters()).device
-                return model(to_input(a).to(dev), to_input(b).to(dev)).flatten().double().cpu().numpy()
+                feats = model.features(to_input(np.concatenate([anchor, *others])).to(dev))
+                sides = [[f[i * b:(i + 1) * b] for f in feats] for i in range(len(others) + 1)]
+                return [model.distances(sides[0], sides[i], spatial=False).flatten().double().cpu().numpy()
+                        for i in range(1, len(others) + 1)]
 
         return fn
     if callable(teacher):
-        return teacher
+        return lambda anchor, others: [np.asarray(teacher(anchor, o), dtype=np.float64).reshape(-1) for o in others]
     raise TypeError(f"teacher: expected an LPIPS module, a callable(a, b) -> distances or None, got {type(teacher).__name__}")
 
 
-def _distances(fn, a: np.ndarray, b: np.ndarray, chunk: int = 64) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(a[i:i + chunk], b[i:i + chunk]), dtype=np.float64).reshape(-1)
-                           for i in range(0, len(a), chunk)])
+def _distances(fn, anchor: np.ndarray, others: list[np.ndarray], chunk: int = 64) -> list[np.ndarray]:
+    parts = [fn(anchor[i:i + chunk], [o[i:i + chunk] for o in others]) for i in range(0, len(anchor), chunk)]
+    return [np.concatenate(col) for col in zip(*parts)]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -183,14 +193,18 @@ def make_2afc(
     parts: list[tuple[np.ndarray, ...]] = []
     have = 0
     for _ in range(200):
-        m = n - have if max_gap is None else max(16, 2 * (n - have))
+        m = n - have if max_gap is None else max(32, 4 * (n - have))
         ref = np.stack([_crop(srcs[int(rng.integers(len(srcs)))], size, rng) for _ in range(m)])
         p0 = np.stack([_random_distortion(r, rng) for r in ref])
         p1 = np.stack([_random_distortion(r, rng) for r in ref])
-        d0, d1 = _distances(fn, ref, p0), _distances(fn, ref, p1)
+        d0, d1 = _distances(fn, ref, [p0, p1])
+        gap = np.abs(d0 - d1)
+        top = np.maximum(np.maximum(d0, d1), 1e-12)
+        # Near-ties (equal to float rounding) are dropped: their order may flip between batchings.
+        keep = gap > _TIE * top
         if max_gap is not None:
-            keep = np.abs(d0 - d1) <= max_gap * np.maximum(np.maximum(d0, d1), 1e-12)
-            ref, p0, p1, d0, d1 = ref[keep], p0[keep], p1[keep], d0[keep], d1[keep]
+            keep &= gap <= max_gap * top
+        ref, p0, p1, d0, d1 = ref[keep], p0[keep], p1[keep], d0[keep], d1[keep]
         parts.append((ref, p0, p1, d0, d1))
         have += len(ref)
         if have >= n:
@@ -226,7 +240,7 @@ def make_jnd(
     ref = np.stack([_crop(srcs[int(rng.integers(len(srcs)))], size, rng) for _ in range(n)])
     p1 = np.stack([_random_distortion(r, rng) for r in ref])
     fn = _teacher_fn(teacher)
-    d = _distances(fn, ref, p1)
+    (d,) = _distances(fn, ref, [p1])
     tau = float(np.median(d))
     same = (d < tau) * 1.0 if temperature == 0 else _sigmoid((tau - d) / temperature)
     out = os.fspath(out)
