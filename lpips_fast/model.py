@@ -30,15 +30,9 @@ from .nets import TRUNK_CHANNELS, build_trunk, canonical_net_name
 from .ops import lpips_distance, lpips_distances, unit_normalize
 from .profiling import nvtx_range
 from .validation import NONFINITE_POLICIES, check_finite, check_image_pair
+from .weights import canonical_version, read_checkpoint
 
 __all__ = ["LPIPS", "ScalingLayer", "NetLinLayer", "canonical_version", "identical_pairs"]
-
-
-def canonical_version(version: str) -> str:
-    v = version[1:] if isinstance(version, str) and version.startswith("v") else version
-    if v not in ("0.1", "0.0"):
-        raise ValueError(f"version: got {version!r}, expected '0.1' (or 'v0.1') or '0.0' (or 'v0.0')")
-    return v
 
 
 class ScalingLayer(nn.Module):
@@ -76,16 +70,6 @@ class NetLinLayer(nn.Module):
         if old in state_dict and new not in state_dict:
             state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _read_checkpoint(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch checkpoint (``weights_only=True``, never a full pickle)."""
-    p = os.fspath(path)
-    if p.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(p, device="cpu")
-    return torch.load(p, map_location="cpu", weights_only=True)
 
 
 class LPIPS(nn.Module):
@@ -146,7 +130,7 @@ class LPIPS(nn.Module):
 
             self.net.load_torchvision_features(weights.trunk_state_dict(net_c, path=trunk_path))
         elif trunk_path is not None:
-            self.net.load_torchvision_features(_read_checkpoint(trunk_path))
+            self.net.load_torchvision_features(read_checkpoint(trunk_path))
         self.net.requires_grad_(pnet_tune)
         # alex/squeeze: NHWC convolutions are 1.3-2.6x faster on oneDNN (CPU; measured in
         # benchmarks/README.md), values equal NCHW to float rounding, input gradients within 1e-4.
@@ -181,7 +165,7 @@ class LPIPS(nn.Module):
                 else:
                     if verbose:
                         print("Loading model from: %s" % model_path)
-                    sd = _read_checkpoint(model_path)
+                    sd = read_checkpoint(model_path)
                 self._load_lin(sd, source=str(model_path or "packaged weights"))
         if eval_mode:
             self.eval()

@@ -22,7 +22,6 @@ once; callers then use the pure-PyTorch path.
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -63,8 +62,9 @@ def source_path() -> Path:
 
 
 def build_directory() -> Path:
-    root = os.environ.get("LPIPS_FAST_HOME")
-    base = Path(root) if root else Path.home() / ".cache" / "lpips_fast"
+    from ..paths import cache_root
+
+    base = cache_root()
     tag = "torch" + torch.__version__.replace("+", "_")
     return base / "torch_extensions" / tag
 
