@@ -86,8 +86,18 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load
 
-        return load(path.read_bytes())
-    obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        try:
+            return load(path.read_bytes())
+        except Exception as e:
+            raise ValueError(f"file: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # refused pickle content, not a checkpoint, truncated...
+        first = " ".join(str(e).split())[:200]
+        raise ValueError(
+            f"file: {path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {first}); "
+            "expected safetensors or a torch state dict of tensors"
+        ) from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"file: {path} holds a {type(obj).__name__}, expected a state dict of lin weights")
     return dict(obj)
