@@ -334,8 +334,11 @@ def select_precision(
             _, ref = np.unique(a.flatten(1).numpy(), axis=0, return_inverse=True)
             ref = ref.reshape(-1)
     ca, cb, _ = generated_pairs(tuple(a.shape[2:]), levels=3, seed=1)  # calibration, not scored
+    import copy
+
+    exact = base if dev.type == "cpu" else copy.deepcopy(base).to(dev)  # the fp32 module on the device
     with torch.no_grad():
-        want = _run_all(lambda x, y: base(x, y), a, b, batch_size).numpy()
+        want = _run_all(lambda x, y: exact(x.to(dev), y.to(dev)), a, b, batch_size).numpy()
     _, n_trip = _two_afc(want, want, ref)
     report = TuneReport(
         net=base.pnet_type, device=str(dev), size=tuple(a.shape[2:]), n_pairs=int(a.shape[0]), n_triplets=n_trip,
