@@ -215,7 +215,14 @@ _ORIENTATION = 0x0112  # EXIF tag
 
 
 def exif_orientation(im) -> int:
-    """The EXIF orientation (1..8) of a Pillow image, 1 when absent or unreadable."""
+    """The EXIF orientation (1..8) of a Pillow image, 1 when absent or unreadable.
+
+    Never decodes pixels: Pillow's ``getexif()`` on a PNG would load the whole image to look for an
+    ``eXIf`` chunk after the image data, so a PNG is only asked when its ``info`` already holds
+    EXIF (an ``eXIf`` chunk before the data, or any once the image is loaded).
+    """
+    if getattr(im, "format", None) == "PNG" and "exif" not in im.info:
+        return 1
     try:
         o = int(im.getexif().get(_ORIENTATION, 1))
     except Exception:

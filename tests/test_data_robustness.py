@@ -165,3 +165,21 @@ def test_decoding_workers_exit_when_the_parent_is_killed(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_cached_files_are_not_decoded_for_their_orientation(tmp_path, monkeypatch):
+    """The cache probe reads only the header: looking for an EXIF tag must not decode a PNG."""
+    from PIL import ImageFile
+
+    make_flat_dir(str(tmp_path), 1)
+    png = str(tmp_path / "img000.png")
+    jpg = str(tmp_path / "rot.jpg")
+    _save_jpeg(jpg, np.ascontiguousarray(np.rot90(photos(1)[0])), 6)
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.format) or real(self))
+    asked = []
+    d = decode_file(png, probe=lambda digest, hw: asked.append(hw) or True)
+    assert d.array is None and d.size == (48, 64) and loads == []
+    d = decode_file(jpg, probe=lambda digest, hw: asked.append(hw) or True)
+    assert d.array is None and d.size == (48, 64) and loads == []  # the upright size, from the header
