@@ -33,7 +33,7 @@ from lpips_fast.serve.app import pick_arm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 300  # a first start may build the C++ kernel (~60 s on 2 cores, more under load)
 
 
 def _free_port() -> int:
@@ -387,7 +387,7 @@ def test_readme_serve_example_runs_as_written(tmp_path):
     proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True, text=True)
     try:
-        out, _ = proc.communicate(timeout=150)
+        out, _ = proc.communicate(timeout=400)  # bounded; see START_TIMEOUT_S
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)  # the server, if the script stopped before `kill $!`
