@@ -48,7 +48,8 @@ _EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 class ExportableLPIPS(nn.Module):
     """``LPIPS``'s inference forward written for tracing: preprocess, one batched trunk pass for
-    both images, then the distance step's eager composite per layer (no custom op).
+    both images, then the distance step's eager composite per layer (no custom op); pairs of
+    bitwise-equal images are exactly 0, as in ``LPIPS``.
 
     Shares the parameters of the given module (no copy). Inputs: two float (N,3,H,W) tensors in
     [-1, 1] of equal shape. Output: (N,) distances, or (N,1,H,W) when the module is spatial.
@@ -71,7 +72,9 @@ class ExportableLPIPS(nn.Module):
             if self.spatial:
                 d = F.interpolate(d, size=in0.shape[2:], mode="bilinear", align_corners=False)
             total = d if total is None else total + d
-        return total
+        # As LPIPS: bitwise-equal images score exactly 0 (whatever the rounding of their features).
+        same = (in0 == in1).flatten(1).all(dim=1)
+        return torch.where(same.view(-1, *([1] * (total.dim() - 1))), torch.zeros_like(total), total)
 
 
 def _prepare(model: LPIPS) -> ExportableLPIPS:

@@ -76,6 +76,19 @@ def test_aoti_parity_three_sizes_two_batches(aoti_path, alex):
         assert r["max_abs_err"] <= 1e-5, r
 
 
+def test_identical_pairs_score_exactly_zero(onnx_path, aoti_path, alex):
+    a, b = export.check_images((96, 80), 3)
+    b[1] = a[1]
+    sess = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    runner = torch._inductor.aoti_load_package(str(aoti_path))
+    with torch.no_grad():
+        want = alex(a, b).flatten()
+        outs = [torch.from_numpy(sess.run(None, {"in0": a.numpy(), "in1": b.numpy()})[0]), runner(a, b).flatten()]
+    assert want[1] == 0
+    for got in outs:
+        assert got[1] == 0 and got[0] > 0 and (got - want).abs().max() <= 1e-5
+
+
 def test_aoti_package_loads_without_lpips_fast(aoti_path, alex):
     """A fresh Python with only torch: the package holds no lpips_fast op."""
     a, b = export.check_images((96, 80), 3)
