@@ -230,3 +230,17 @@ def test_pnet_tune_trains_and_saves_the_trunk(hard_set, tmp_path):
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, y), res.model(x, y), rtol=0, atol=1e-6)
+
+
+def test_register_stores_the_result_as_a_named_lin_set(hard_set, tmp_path, monkeypatch):
+    from lpips_fast import registry
+
+    monkeypatch.setattr(registry, "models_dir", lambda: tmp_path / "models")
+    out = tmp_path / "reg.safetensors"
+    res = train(hard_set, epochs=1, decay_epochs=0, batch_size=32, init="packaged", out=out, register="mine")
+    assert res.registered == "mine@1"
+    named = lpips_fast.LPIPS(net="alex", lin="mine")
+    for a, b in zip(named.lin_weights(), res.model.lin_weights()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="register: got 'x' without out"):
+        train(hard_set, register="x")

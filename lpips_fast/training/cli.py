@@ -63,8 +63,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model(args):
+    import os
+
     from ..model import LPIPS
 
+    if args.lin is not None and not os.path.exists(args.lin):
+        # Not a file: a registered lin set (lpips_fast.registry), 'NAME' or 'NAME@N'.
+        return LPIPS(net=args.net, version=args.version, lin=args.lin)
     return LPIPS(net=args.net, version=args.version, model_path=args.lin, lpips=not args.baseline)
 
 
@@ -113,7 +118,7 @@ def _cmd_train(args) -> int:
             pnet_rand=args.pnet_rand, pnet_tune=args.pnet_tune, cache_features=not args.no_cache, out=args.out,
             checkpoint=args.checkpoint, resume=not args.restart, val_dirs=args.val or None, seed=args.seed,
             load_size=args.load_size, workers=args.workers, device=args.device,
-            progress=False if args.quiet else None, log=log,
+            progress=False if args.quiet else None, log=log, register=args.register,
         )
     except (BappsError, ValueError, FileNotFoundError) as e:
         return _err("train", e)
@@ -121,6 +126,8 @@ def _cmd_train(args) -> int:
     if res.val_2afc is not None:
         line += f", {res.val_2afc:.4f} on --val"
     print(line)
+    if res.registered:
+        print(f"registered as {res.registered}: LPIPS(net={args.net!r}, lin={res.registered!r})")
     return 0
 
 
@@ -165,7 +172,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR")
     p.add_argument("--net", default="alex", choices=_NETS, help="trunk (default: alex)")
     p.add_argument("--version", default="0.1", choices=_VERSIONS, help="LPIPS version (default: 0.1)")
-    p.add_argument("--lin", metavar="PATH", default=None, help="lin weights file (e.g. from lpips-fast train)")
+    p.add_argument("--lin", metavar="PATH|NAME", default=None,
+                   help="lin weights: a file (e.g. from lpips-fast train) or a registered set NAME[@N]")
     p.add_argument("--baseline", action="store_true", help="no lin layers: the channel sum (lpips=False)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON ('-': stdout)")
     _data_args(p)
@@ -197,6 +205,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT.ckpt)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--seed", type=int, default=0, help="shuffling, dropout and initialisation seed (default: 0)")
+    p.add_argument("--register", default=None, metavar="NAME", help="also store the result as the lin set NAME@N")
     _data_args(p)
     p.set_defaults(func=_cmd_train)
 

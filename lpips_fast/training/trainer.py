@@ -72,6 +72,7 @@ class TrainResult:
     val_2afc: float | None = None
     out: str | None = None
     metadata: dict = field(default_factory=dict)
+    registered: str | None = None
 
 
 # -- the step --------------------------------------------------------------------------------
@@ -356,6 +357,7 @@ def train(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    register: str | None = None,
 ) -> TrainResult:
     """Train LPIPS lin weights (and the ranking head) on the 2AFC folders ``dirs``.
 
@@ -363,11 +365,14 @@ def train(
     ``LPIPS(model_path=out)`` loads, with the training set, epochs and final 2AFC score in its
     metadata. ``checkpoint`` (default ``out + '.ckpt'`` when ``out`` is given) is rewritten after
     every epoch and resumed from when ``resume`` is true. ``on_epoch_end(epoch, row)`` is called
-    after each epoch's checkpoint is written.
+    after each epoch's checkpoint is written. ``register=NAME`` also stores ``out`` in the lin-set
+    registry (``lpips_fast.registry``) as ``NAME@N``, loadable with ``LPIPS(lin=NAME)``.
     """
     from .. import __version__
 
     _check_args(epochs, decay_epochs, batch_size, lr, beta1)
+    if register is not None and out is None:
+        raise ValueError(f"register: got {register!r} without out; the registry stores the written file, pass out=")
     data = open_2afc(dirs, load_size)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if checkpoint is None and out is not None:
@@ -457,5 +462,11 @@ def train(
         metadata["val_datasets"] = [os.fspath(d) for d in ([val_dirs] if isinstance(val_dirs, (str, os.PathLike)) else val_dirs)]
         metadata["val_2afc"] = val_2afc
     path = save_weights(out, model, metadata, include_trunk=pnet_tune) if out is not None else None
+    registered = None
+    if register is not None:
+        from ..registry import register as register_lin_set
+
+        note = json.dumps({k: metadata[k] for k in ("train_datasets", "triplets", "epochs", "decay_epochs", "final_2afc")})
+        registered = register_lin_set(register, path, net=net, version=model.version, note=note).spec
     return TrainResult(model=model, head=head, history=history, train_2afc=train_2afc, val_2afc=val_2afc,
-                       out=path, metadata=metadata)
+                       out=path, metadata=metadata, registered=registered)
