@@ -37,7 +37,26 @@ from .model import LPIPS, identical_pairs
 from .nets import canonical_net_name
 from .profiling import nvtx_range
 
-__all__ = ["Engine", "uint8_to_unit"]
+__all__ = ["Engine", "uint8_to_unit", "PRECISIONS", "ENGINE_PRECISIONS", "precision_settings"]
+
+#: Precision names as ``lpips-fast tune`` reports them. The Engine runs the first six; 'aoti'
+#: (``lpips_fast.export.aoti``) and 'int8' (``tune``'s quantised trunk) are other runtimes.
+PRECISIONS = ("fp32", "fp32-nchw", "bf16", "bf16-nchw", "fp16", "fp16-nchw", "aoti", "int8")
+ENGINE_PRECISIONS = PRECISIONS[:6]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_settings(precision: str) -> dict:
+    """``{"dtype", "channels_last"}`` for a precision name (``"bf16"``, ``"fp32-nchw"``, ...)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: got {precision!r}, expected one of {PRECISIONS}")
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(
+            f"precision: {precision!r} is not an Engine setting; use lpips_fast.export.aoti (aoti) or "
+            "select_precision's int8 trunk (int8)"
+        )
+    dtype, _, layout = precision.partition("-")
+    return {"dtype": _DTYPES[dtype], "channels_last": layout != "nchw"}
 
 
 def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +82,8 @@ class Engine:
         device: where to run (default: CUDA if available, else CPU).
         dtype: trunk precision; default bfloat16 on CUDA, float32 on CPU. The distance
             accumulates in fp32 and the result is always float32.
+        precision: a name as ``lpips-fast tune`` reports it ('fp32', 'bf16', 'fp16', each
+            optionally '-nchw'): sets ``dtype`` and ``channels_last`` (give either, not both).
         compile: torch.compile preprocessing + trunk. Default: True on CUDA, False on CPU
             (on the 2-core dev CPU, alex 64 px batch 16: ~20 s of compilation per shape for
             ~5% over eager channels_last oneDNN convolutions). Each (engine, shape) is one
@@ -89,6 +110,7 @@ class Engine:
         compile: bool | None = None,
         cuda_graphs: bool = True,
         *,
+        precision: str | None = None,
         channels_last: bool | None = None,
         normalize: bool = False,
         max_graphs: int = 4,
@@ -96,6 +118,11 @@ class Engine:
         model: LPIPS | None = None,
         **lpips_kwargs: Any,
     ) -> None:
+        if precision is not None:
+            if dtype is not None or channels_last is not None:
+                raise ValueError("precision: give either precision= or dtype=/channels_last=, not both")
+            settings = precision_settings(precision)
+            dtype, channels_last = settings["dtype"], settings["channels_last"]
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

@@ -42,27 +42,17 @@ import numpy as np
 import torch
 
 from .comparison import spearman
+from .engine import PRECISIONS, precision_settings
 from .model import LPIPS
 
 __all__ = ["select_precision", "TuneReport", "TuneRow", "engine_kwargs", "PRECISIONS", "DEFAULT_BUDGET", "generated_pairs"]
 
-PRECISIONS = ("fp32", "fp32-nchw", "bf16", "bf16-nchw", "fp16", "fp16-nchw", "aoti", "int8")
 DEFAULT_BUDGET = {"two_afc": 0.99, "spearman": 0.999}
-_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def engine_kwargs(precision: str) -> dict:
-    """``Engine`` keyword arguments for a precision name from :data:`PRECISIONS` (the Engine
-    runs fp32/bf16/fp16 with or without channels_last; 'aoti' and 'int8' are other runtimes)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: got {precision!r}, expected one of {PRECISIONS}")
-    if precision in ("aoti", "int8"):
-        raise ValueError(
-            f"precision: {precision!r} is not an Engine setting; use lpips_fast.export.aoti (aoti) or "
-            "select_precision's int8 trunk (int8)"
-        )
-    dtype, _, layout = precision.partition("-")
-    return {"dtype": _DT[dtype], "channels_last": layout != "nchw"}
+    """``Engine`` keyword arguments for a precision name from :data:`PRECISIONS`."""
+    return precision_settings(precision)
 
 
 @dataclass

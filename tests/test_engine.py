@@ -295,3 +295,23 @@ def test_channels_last_module_forced_to_nchw(alex):
     with torch.no_grad():
         ref = alex(uint8_to_unit(x), uint8_to_unit(y))
     torch.testing.assert_close(e(x, y), ref, atol=1e-5, rtol=0)
+
+
+def test_precision_names_from_tune_set_dtype_and_layout():
+    from lpips_fast.engine import ENGINE_PRECISIONS, precision_settings
+
+    model = lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True)
+    e = Engine(model=model, device="cpu", precision="bf16-nchw")
+    assert e.dtype == torch.bfloat16 and e.channels_last is False
+    assert Engine(model=model, device="cpu", precision="fp32").channels_last is True
+    assert set(ENGINE_PRECISIONS) <= {"fp32", "fp32-nchw", "bf16", "bf16-nchw", "fp16", "fp16-nchw"}
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+    y = torch.rand(2, 3, 40, 40) * 2 - 1
+    exact = Engine(model=model, device="cpu", precision="fp32-nchw")(x, y)
+    torch.testing.assert_close(exact, model(x, y).float(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not an Engine setting"):
+        Engine(model=model, device="cpu", precision="int8")
+    with pytest.raises(ValueError, match="expected one of"):
+        precision_settings("fp8")
+    with pytest.raises(ValueError, match="not both"):
+        Engine(model=model, device="cpu", precision="bf16", dtype=torch.float32)
