@@ -177,7 +177,7 @@ def test_output_loads_with_metadata_and_scores_as_reported(hard_set, tmp_path):
     m = lpips_fast.LPIPS(net="alex", model_path=out)
     for a, b in zip(m.lin_weights(), res.model.lin_weights()):
         assert torch.equal(a, b)
-        assert float(a.min()) >= 0
+        assert float(a.detach().min()) >= 0
     # The recorded final 2AFC score is the loaded model's score on the training set.
     assert float(md["final_2afc"]) == pytest.approx(score_2afc(m, hard_set), abs=1e-6)
 
@@ -212,7 +212,7 @@ def test_head_matches_reference_head():
 
 def test_cached_and_streamed_training_agree(hard_set):
     """The feature cache changes where the trunk runs, not the result (float rounding only)."""
-    kw = dict(epochs=1, decay_epochs=1, batch_size=32, lr=1e-3, init="uniform", seed=1)
+    kw = dict(epochs=1, decay_epochs=0, batch_size=32, lr=1e-3, init="uniform", seed=1)
     cached = train(hard_set, **kw)
     streamed = train(hard_set, cache_features=False, **kw)
     for a, b in zip(cached.model.lin_weights(), streamed.model.lin_weights()):
