@@ -440,3 +440,13 @@ def test_timeout_and_concurrency_limits_in_process(models, tmp_path):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_server_that_cannot_load_its_model_exits_with_an_error(tmp_path):
+    srv = Server(["--state-dict", str(tmp_path / "missing.pt")], tmp_path / "server.log")
+    try:
+        assert srv.proc.wait(START_TIMEOUT_S) == 2
+        log = srv.log()
+        assert "lpips-fast serve: error: loading the models failed" in log and "missing.pt" in log, log
+    finally:
+        srv.stop()

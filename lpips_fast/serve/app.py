@@ -41,6 +41,7 @@ import logging
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -187,6 +188,8 @@ class Service:
         self.by_name = {a.name: a for a in self.arms}
         self.state = "loading"
         self.error: str | None = None
+        self.load_exception: BaseException | None = None
+        self.on_load_failure: Any = None  # called (from the loading thread) when loading fails
         self.in_flight = 0
         self.rng = random.Random()
         self.key_header = settings["serve.key_header"].lower()
@@ -219,8 +222,10 @@ class Service:
                          time.perf_counter() - t)
             self.state = "ready"
         except Exception as e:
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            self.state, self.error, self.load_exception = "failed", f"{type(e).__name__}: {e}", e
             log.error("loading the models failed: %s", self.error)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
 
     def _scorer(self, arm: Arm, model: Any, kind: str) -> Scorer:
         return Scorer.from_settings(self.settings, model=model, max_pixels=self.settings["serve.max_pixels"],
@@ -591,7 +596,8 @@ _ENDPOINTS = {"/v1/distance", "/v1/distance/batch", "/v1/map", "/v1/models", "/h
 def run(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn drains requests in flight, then the scorers drain).
 
-    Returns 0 after a graceful shutdown.
+    Returns 0 after a graceful shutdown; 2 (a bad or missing weights file) or 1 when the models
+    cannot be loaded, in which case the server stops at once.
     """
     import uvicorn
 
@@ -607,7 +613,9 @@ def run(settings: Settings) -> int:
         timeout_graceful_shutdown=settings["serve.shutdown_timeout_s"],
     )
     server = uvicorn.Server(config)
-    log.info("serving %s on http://%s:%d", [a.name for a in app.service.arms], settings["serve.host"], settings["serve.port"])
+    service = app.service
+    service.on_load_failure = lambda: setattr(server, "should_exit", True)  # a server that cannot score stops
+    log.info("serving %s on http://%s:%d", [a.name for a in service.arms], settings["serve.host"], settings["serve.port"])
     # uvicorn drains on SIGTERM, restores the previous handler and raises the signal again; with
     # this no-op handler in place that last step returns, and a drained shutdown exits with 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -615,4 +623,8 @@ def run(settings: Settings) -> int:
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if service.state == "failed":
+        print(f"lpips-fast serve: error: loading the models failed: {service.error}", file=sys.stderr)
+        # A missing or bad weights file is the caller's to fix (status 2, as the other commands).
+        return 2 if isinstance(service.load_exception, (ValueError, FileNotFoundError)) else 1
     return 0
