@@ -9,6 +9,7 @@ hand (README, "Checking a GPU").
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,26 +19,36 @@ from pathlib import Path
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+# Not imported here: tests/test_ops_triton.py must import triton first, under TRITON_INTERPRET=1.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
-from lpips_fast.ops import _eager, _triton, aot  # noqa: E402
+from lpips_fast.ops import _eager, aot  # noqa: E402
 from lpips_fast.ops._aot_spec import TRITON_DTYPES, pointer_type  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = (torch.float32, torch.float64)
 
 
+def _tr():
+    """``lpips_fast.ops._triton``, imported at first use and not at collection: tests/test_ops_triton.py
+    must be the first to import it (under TRITON_INTERPRET=1) to run its cases in-process. Nothing
+    here needs compiled-mode kernels (the compiles run in subprocesses)."""
+    from lpips_fast.ops import _triton
+
+    return _triton
+
+
 @pytest.fixture(scope="module")
 def specs():
     """The per-layer kernels' specs (other modules in aot.SPEC_MODULES test their own)."""
-    return _triton.aot_specializations()
+    return _tr().aot_specializations()
 
 
 def test_config_returns_plain_ints():
     for acc in ACC:
-        for c in _triton.AOT_CHANNELS:
-            for p in (*_triton.AOT_PIXELS, 2, 225, 3025):
-                cfg = _triton._config(c, p, acc)
+        for c in _tr().AOT_CHANNELS:
+            for p in (*_tr().AOT_PIXELS, 2, 225, 3025):
+                cfg = _tr()._config(c, p, acc)
                 assert all(type(v) is int for v in cfg), (c, p, cfg)
                 block_c, block_p, warps = cfg
                 assert block_c >= c and block_c * block_p <= max(4096, block_c) and warps in (4, 8)
@@ -51,11 +62,11 @@ def test_config_plain_ints_under_symbolic_trace():
 
     def f(x):
         assert isinstance(x.shape[1], torch.SymInt)
-        seen.append(_triton._config(x.shape[1], x.shape[2] * x.shape[3]))
+        seen.append(_tr()._config(x.shape[1], x.shape[2] * x.shape[3]))
         return x * 2
 
     make_fx(f, tracing_mode="symbolic")(torch.randn(2, 64, 5, 7))
-    assert seen == [_triton._config(64, 35)] and all(type(v) is int for v in seen[0])
+    assert seen == [_tr()._config(64, 35)] and all(type(v) is int for v in seen[0])
 
 
 def test_specs_are_the_launchers_configs(specs):
@@ -69,12 +80,12 @@ def test_specs_are_the_launchers_configs(specs):
             for p in s.launch["P"]:
                 covered.add((s.kernel, s.dtype, c, p))
         # Every (C, P) the spec stands for picks exactly its block config.
-        picks = {_triton._config(c, p, acc) for c in s.launch["C"] for p in s.launch["P"]}
+        picks = {_tr()._config(c, p, acc) for c in s.launch["C"] for p in s.launch["P"]}
         assert picks == {(s.constexprs["BLOCK_C"], s.constexprs["BLOCK_P"], s.num_warps)}, s
     for kernel in ("_lpips_fwd_kernel", "_lpips_bwd_kernel"):
         for dtype in ("fp32", "fp16", "bf16", "fp64"):
             for c in (1, 3, 64, 128, 192, 256, 384, 512, 1000):
-                for p in _triton.AOT_PIXELS:
+                for p in _tr().AOT_PIXELS:
                     assert (kernel, dtype, c, p) in covered
     needs = {
         (s.constexprs["HAS_W"], s.constexprs["NEED_DX"], s.constexprs["NEED_DY"], s.constexprs["NEED_DW"]) for s in bwd
@@ -106,16 +117,16 @@ def test_signature_matches_the_arguments_the_launcher_builds(dtype):
     x = torch.rand(2, 64, 3, 5, dtype=dtype)
     y = torch.rand(2, 64, 3, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
     wt = torch.rand(64, dtype=acc)
-    block_c, block_p, warps = _triton._config(64, 15, acc)
-    kw = _triton._fwd_constexprs(True, False, acc, block_c, block_p)
+    block_c, block_p, warps = _tr()._config(64, 15, acc)
+    kw = _tr()._fwd_constexprs(True, False, acc, block_c, block_p)
     out = torch.empty(2, dtype=acc)
-    args = _triton._fwd_args(x, y, wt, out, 15, 1, 1e-10)
-    _check_types(args, _triton._signature(_triton._lpips_fwd_kernel, dtype, kw), kw)
-    kw = _triton._bwd_constexprs(True, True, acc, True, True, True, block_c, block_p)
+    args = _tr()._fwd_args(x, y, wt, out, 15, 1, 1e-10)
+    _check_types(args, _tr()._signature(_tr()._lpips_fwd_kernel, dtype, kw), kw)
+    kw = _tr()._bwd_constexprs(True, True, acc, True, True, True, block_c, block_p)
     g = torch.rand(2, 1, 3, 5, dtype=acc)
     dwp = torch.empty(2, 64, dtype=acc)
-    args = _triton._bwd_args(g, 15, 1, x, y, wt, torch.empty_like(x), torch.empty_like(y), dwp, True, True, 15, 1, 1e-10)
-    _check_types(args, _triton._signature(_triton._lpips_bwd_kernel, dtype, kw), kw)
+    args = _tr()._bwd_args(g, 15, 1, x, y, wt, torch.empty_like(x), torch.empty_like(y), dwp, True, True, 15, 1, 1e-10)
+    _check_types(args, _tr()._signature(_tr()._lpips_bwd_kernel, dtype, kw), kw)
 
 
 def test_cover_scope_has_every_axis_value_and_the_hot_specs(specs):
