@@ -10,9 +10,9 @@ lpips_fast``), and (2) the no-compiler fallback (the eager composite) lives insi
 
 Nothing is built at import. The first CPU call (or ``build_cpu_extension()``, which CI calls
 once to warm the cache) compiles the source with ``torch.utils.cpp_extension.load`` into a build
-directory keyed by the torch version, under ``$LPIPS_FAST_HOME/torch_extensions`` or
-``~/.cache/lpips_fast/torch_extensions``. ``load`` hashes the source and flags, so an edited
-source rebuilds and an unchanged one loads from the cache in well under a second. The library
+directory keyed by the torch version and the source's hash, under
+``$LPIPS_FAST_HOME/torch_extensions`` (default ``~/.cache/lpips_fast/torch_extensions``), so an
+edited source builds anew and an unchanged one loads from the cache in well under a second. The library
 registers CPU kernels for the internal ops with ``TORCH_LIBRARY_IMPL`` (``is_python_module=False``):
 no pybind11, and only the light ATen / torch/library headers.
 
@@ -62,11 +62,17 @@ def source_path() -> Path:
 
 
 def build_directory() -> Path:
+    """``<cache root>/torch_extensions/torch<version>/<source+flags hash>``: two checkouts or
+    versions of the package on one machine each keep their own build instead of rebuilding over
+    each other's (the library's name is the same, so they would share one folder otherwise)."""
+    import hashlib
+
     from ..paths import cache_root
 
-    base = cache_root()
     tag = "torch" + torch.__version__.replace("+", "_")
-    return base / "torch_extensions" / tag
+    h = hashlib.sha256(source_path().read_bytes())
+    h.update(" ".join(_cflags()).encode())
+    return cache_root() / "torch_extensions" / tag / h.hexdigest()[:16]
 
 
 def _cflags() -> list[str]:
