@@ -423,53 +423,71 @@ def _parse_junit(path: Path) -> list[dict]:
     return tests
 
 
-def section_tests(run: Run, budget_s: float) -> None:
-    sec = run.result["sections"].setdefault("tests", {})
-    if not _importable("pytest"):
-        sec["status"] = "not run"
-        run.fail("tests: pytest is not installed here (pip install pytest, or copy its wheel): tests/gpu not run")
-        return
-    # Kernels first (the ops under everything), then the Engine, pipeline and fallbacks, then any
-    # other CUDA test file.
-    first = ("test_cuda_ops.py", "test_cuda_grouped.py", "test_cuda_engine.py")
-    found = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("test_*.py"))
-    files = [str(ROOT / "tests" / "gpu" / f) for f in [*(f for f in first if f in found), *(f for f in found if f not in first)]]
+def _pytest(files: list[str], select: str, timeout_s: float) -> dict:
+    """One pytest subprocess over ``files`` (``-k select``); its tests parsed from --junitxml, or
+    from the verbose output when it ran out of time."""
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "--no-header",
-               f"--junitxml={junit}", *files]  # fmt: skip
+        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-k", select, "-v", "-p", "no:cacheprovider",
+               "--no-header", f"--junitxml={junit}", *files]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        sec["command"] = " ".join(["python", *cmd[1 : -len(files)], "tests/gpu"])
-        sec["budget_s"] = round(budget_s)
         t = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(budget_s, 10), cwd=ROOT, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout_s, 5), cwd=ROOT, env=env)
             stdout, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout or b""
             stdout = out.decode(errors="replace") if isinstance(out, bytes) else out
             rc, timed_out = None, True
-        sec["seconds"] = round(time.perf_counter() - t, 1)
         if junit.exists():
             tests = _parse_junit(junit)
         else:
             tests = [{"test": m.group(1), "outcome": m.group(2).lower(), "seconds": None, "message": None}
                      for m in map(_VERBOSE_LINE.match, stdout.splitlines()) if m]  # fmt: skip
+    return {"command": " ".join(["python", *cmd[1 : -len(files)], "tests/gpu"]), "returncode": rc,
+            "timed_out": timed_out, "seconds": round(time.perf_counter() - t, 1), "tests": tests,
+            "output_tail": stdout[-3000:]}  # fmt: skip
+
+
+def section_tests(run: Run, budget_s: float) -> None:
+    """tests/gpu in two pytest runs: everything but the torch.compile tests first (kernels, then
+    the Engine, pipeline and fallbacks), then the compile tests (each compile costs tens of
+    seconds) with what is left of the budget."""
+    sec = run.result["sections"].setdefault("tests", {})
+    if not _importable("pytest"):
+        sec["status"] = "not run"
+        run.fail("tests: pytest is not installed here (pip install pytest, or copy its wheel): tests/gpu not run")
+        return
+    first = ("test_cuda_ops.py", "test_cuda_grouped.py", "test_cuda_engine.py")
+    found = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("test_*.py"))
+    files = [str(ROOT / "tests" / "gpu" / f) for f in [*(f for f in first if f in found), *(f for f in found if f not in first)]]
+    sec["budget_s"] = round(budget_s)
+    deadline = time.perf_counter() + budget_s
+    sec["runs"], tests = [], []
+    for select in ("not compile", "compile"):
+        left = deadline - time.perf_counter()
+        if left < 5:
+            sec["runs"].append({"select": select, "skipped": "tests budget spent"})
+            run.fail(f"tests: '-k {select}' not run: the tests budget ({budget_s:.0f} s) was spent")
+            continue
+        res = _pytest(files, select, left)
+        tests += res.pop("tests")
+        sec["runs"].append({"select": select, **res})
+        if res["timed_out"]:
+            run.fail(f"tests: '-k {select}' ran past the tests budget ({budget_s:.0f} s); "
+                     "tests not reported did not run")  # fmt: skip
+        elif res["returncode"] not in (0, 1, 5):  # 1: some test failed (listed below); 5: none selected
+            run.fail(f"tests: '-k {select}' exited {res['returncode']} (collection error?): {res['output_tail'][-500:]}")
     counts: dict[str, int] = {}
     for t_ in tests:
         counts[t_["outcome"]] = counts.get(t_["outcome"], 0) + 1
-    sec.update({"returncode": rc, "timed_out": timed_out, "counts": counts, "tests": tests,
-                "output_tail": stdout[-3000:]})  # fmt: skip
-    bad = [t_ for t_ in tests if t_["outcome"] in ("failed", "error")]
-    for t_ in bad:
-        run.fail(f"tests: {t_['test']}: {(t_['message'] or '')[:300]}")
-    if timed_out:
-        run.fail(f"tests: pytest ran past its {budget_s:.0f} s budget ({len(tests)} tests reported)")
-    elif rc not in (0, 5) and not bad:  # 5: nothing collected
-        run.fail(f"tests: pytest exited {rc} without a failing test (collection error?): {stdout[-500:]}")
-    if not tests and not timed_out:
+    sec.update({"counts": counts, "tests": tests, "seconds": round(sum(r.get("seconds", 0) for r in sec["runs"]), 1)})
+    for t_ in tests:
+        if t_["outcome"] in ("failed", "error"):
+            run.fail(f"tests: {t_['test']}: {(t_['message'] or '')[:300]}")
+    if not tests:
         run.fail("tests: no test was collected from tests/gpu")
-    sec["status"] = "fail" if (bad or timed_out or (rc not in (0, 5))) else "pass"
+    sec["status"] = "fail" if any(f.startswith("tests:") for f in run.result["failures"]) else "pass"
     if not run.cuda and sec["status"] == "pass":
         sec["note"] = "CPU: the CUDA tests were collected and skipped (no GPU)"
     print(f"  tests: {sec['status']} {counts} in {sec['seconds']} s", flush=True)
