@@ -91,7 +91,7 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: float32)")
     g.add_argument("--trunk", metavar="PATH", default=None, help="trunk weights file (torchvision format) instead of the fetched ones")
-    g.add_argument("--lin", metavar="PATH", default=None, help="lin-layer weights file instead of the packaged ones")
+    g.add_argument("--lin", metavar="PATH|NAME", default=None, help="lin-layer weights: a file, or a set registered with `lpips-fast weights register` (NAME or NAME@N)")
     g.add_argument("--state-dict", metavar="PATH", default=None, help="a complete LPIPS state dict (reference keys, .safetensors or torch file)")
     g.add_argument("--random-trunk", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--model-seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -51,7 +51,15 @@ def _load_trunk(model, path: str) -> None:
 
 
 def _load_lin(model, path: str) -> None:
-    sd = _read("lin", path)
+    if not os.path.isfile(path):  # a registered set (options.validate() checked it resolves)
+        from . import registry
+
+        try:
+            sd, _ = registry.lin_state_dict_for(path, model.pnet_type, model.version)
+        except Exception as e:
+            raise OptionError(f"lin: {path}: {' '.join(str(e).split())[:300]}") from None
+    else:
+        sd = _read("lin", path)
     lin = {k: v for k, v in sd.items() if k.startswith("lin")}
     if not lin:
         raise OptionError(f"lin: {path}: holds no lin{{k}}.model.1.weight keys (got {sorted(sd)[:4]}...; expected LPIPS lin weights)")
@@ -110,6 +118,10 @@ def build_model(
 def _file_key(path: str | None) -> tuple | None:
     if path is None:
         return None
+    if not os.path.isfile(path):  # a registered lin set: its name, number and hash
+        from .options import lin_identity
+
+        return (lin_identity(path),)
     st = os.stat(path)
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 

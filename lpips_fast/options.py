@@ -17,7 +17,10 @@ import torch
 from .errors import OptionError
 from .paths import writable_dir
 
-__all__ = ["EvalOptions", "OptionError", "parse_dtype", "DTYPES", "resolve_device", "check_device", "check_cache_dir", "check_cache_max_bytes"]
+__all__ = [
+    "EvalOptions", "OptionError", "parse_dtype", "DTYPES", "resolve_device", "check_device", "check_cache_dir",
+    "check_cache_max_bytes", "lin_identity",
+]  # fmt: skip
 
 
 DTYPES = {
@@ -146,10 +149,12 @@ class EvalOptions:
                 )
         check_cache_max_bytes(self.cache_max_bytes)
         check_device(self.device)
-        for name in ("state_dict", "trunk", "lin"):
+        for name in ("state_dict", "trunk"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise OptionError(f"{name}: {path} does not exist or is not a file (expected a weights file)")
+        if self.lin is not None:
+            lin_identity(self.lin)  # a weights file, or a set registered with `lpips-fast weights register`
         if self.cache is not None and isinstance(self.cache, (str, os.PathLike)):
             check_cache_dir(os.fspath(self.cache))
         return replace(self, net=net, version=version, dtype=dtype, resize=resize)
@@ -165,7 +170,7 @@ class EvalOptions:
             "dtype": str(dtype).replace("torch.", ""),
             "resize": None if self.resize is None else "x".join(str(v) for v in self.resize),
             "trunk": _abs(self.trunk),
-            "lin": _abs(self.lin),
+            "lin": None if self.lin is None else lin_identity(self.lin),
             "state_dict": _abs(self.state_dict),
             "random_trunk": bool(self.random_trunk),
             "seed": int(self.seed) if self.random_trunk else None,
@@ -180,6 +185,24 @@ class EvalOptions:
         d = asdict(self)
         d.pop("model")
         return d
+
+
+def lin_identity(lin: str) -> str:
+    """What a ``lin`` option names: the absolute path of a weights file, or ``NAME@N sha256:...``
+    for a set in ``lpips_fast.registry`` (so a resumed run sees a re-registered name change).
+    OptionError when it is neither."""
+    if os.path.isfile(lin):
+        return _abs(lin)
+    from . import registry
+
+    try:
+        entry = registry.resolve(os.fspath(lin))
+    except Exception as e:
+        raise OptionError(
+            f"lin: {lin} is neither a weights file nor a registered lin set ({' '.join(str(e).split())[:200]}); "
+            "expected a .safetensors/.pth file or a name from `lpips-fast weights list`"
+        ) from None
+    return f"{entry.spec} sha256:{entry.sha256 or 'packaged'}"
 
 
 def _abs(path) -> str | None:
