@@ -45,10 +45,10 @@ def specs():
 
 
 def test_config_returns_plain_ints():
-    for acc in ACC:
+    for acc, backward in [(a, b) for a in ACC for b in (False, True)]:
         for c in _tr().AOT_CHANNELS:
             for p in (*_tr().AOT_PIXELS, 2, 225, 3025):
-                cfg = _tr()._config(c, p, acc)
+                cfg = _tr()._config(c, p, acc, backward)
                 assert all(type(v) is int for v in cfg), (c, p, cfg)
                 block_c, block_p, warps = cfg
                 assert block_c >= c and block_c * block_p <= max(4096, block_c) and warps in (4, 8)
@@ -80,7 +80,8 @@ def test_specs_are_the_launchers_configs(specs):
             for p in s.launch["P"]:
                 covered.add((s.kernel, s.dtype, c, p))
         # Every (C, P) the spec stands for picks exactly its block config.
-        picks = {_tr()._config(c, p, acc) for c in s.launch["C"] for p in s.launch["P"]}
+        backward = s.kernel == "_lpips_bwd_kernel"
+        picks = {_tr()._config(c, p, acc, backward) for c in s.launch["C"] for p in s.launch["P"]}
         assert picks == {(s.constexprs["BLOCK_C"], s.constexprs["BLOCK_P"], s.num_warps)}, s
     for kernel in ("_lpips_fwd_kernel", "_lpips_bwd_kernel"):
         for dtype in ("fp32", "fp16", "bf16", "fp64"):
@@ -122,6 +123,7 @@ def test_signature_matches_the_arguments_the_launcher_builds(dtype):
     out = torch.empty(2, dtype=acc)
     args = _tr()._fwd_args(x, y, wt, out, 15, 1, 1e-10)
     _check_types(args, _tr()._signature(_tr()._lpips_fwd_kernel, dtype, kw), kw)
+    block_c, block_p, warps = _tr()._config(64, 15, acc, backward=True)
     kw = _tr()._bwd_constexprs(True, True, acc, True, True, True, block_c, block_p)
     g = torch.rand(2, 1, 3, 5, dtype=acc)
     dwp = torch.empty(2, 64, dtype=acc)

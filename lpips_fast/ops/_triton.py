@@ -183,20 +183,22 @@ def _nps(t: torch.Tensor) -> Tuple[int, int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1), _pixel_stride(t)
 
 
-def _config(c: int, p: int, acc: torch.dtype = torch.float32) -> Tuple[int, int, int]:
+def _config(c: int, p: int, acc: torch.dtype = torch.float32, backward: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps) for C channels and P pixels per image, as plain Python ints.
 
-    A tile holds 4096 values (2048 for fp64 accumulation: each takes two registers) and every
-    thread 16 registers' worth of each tile-shaped tensor: ``python -m lpips_fast.ops.aot``
-    compiles every config this picks and fails on any register spill (fp64 with 4096-value tiles
-    spilled up to 1.6 KiB per thread in the backward on sm_90).
+    A forward tile holds 4096 values (2048 for fp64 accumulation: each takes two registers), so
+    that every thread holds 16 registers' worth of each tile-shaped tensor; the backward keeps
+    more tile-shaped values alive and gets half that. ``python -m lpips_fast.ops.aot`` compiles
+    every config this picks and fails on any register spill: on sm_90, fp64 with 4096-value tiles
+    spilled up to 1.6 KiB per thread, and the fp32 backward with 4096-value tiles 8 bytes (dy and
+    dw at C = 256); the backward is memory-bound, and smaller tiles also raise its occupancy.
     ``int()`` first: in opcheck's dynamic-shape tests the sizes arrive as SymInts, and constexprs
     and num_warps must be concrete (this specialises the trace on C and on P's tile, which the
     compiled kernel needs anyway). Checked with torch 2.14.1 / triton 3.8 (tests/test_aot.py
     traces it symbolically); on torch 2.11 / triton 3.6 tests/gpu's opcheck runs it on CUDA.
     """
     c, p = int(c), int(p)
-    words = 2 if acc == torch.float64 else 1  # 32-bit registers per accumulated value
+    words = (2 if acc == torch.float64 else 1) * (2 if backward else 1)  # register words per tile value
     block_c = triton.next_power_of_2(c)
     block_p = max(1, min(triton.next_power_of_2(p), _TILE // words // block_c))
     warps = 4 if block_c * block_p * words <= 2048 else 8
@@ -315,7 +317,7 @@ def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, 
         dy.zero_()
         dw = weight.new_zeros(weight.shape) if need_weight else feat0.new_empty(0)
         return dx, dy, dw
-    block_c, block_p, warps = _config(c, p, acc)
+    block_c, block_p, warps = _config(c, p, acc, backward=True)
     n_pblocks = triton.cdiv(p, block_p)
     programs = n * n_pblocks
     dwp = x.new_empty((programs, c) if need_weight else (1,), dtype=acc)
@@ -370,8 +372,10 @@ def aot_specializations() -> List[KernelSpec]:
         for c in AOT_CHANNELS:
             for p in AOT_PIXELS:
                 block_c, block_p, warps = _config(c, p, acc)
+                bwd_c, bwd_p, bwd_warps = _config(c, p, acc, backward=True)
                 common = c in _TRUNK_CHANNELS and p == AOT_PIXELS[-1] and dtype in (torch.float32, torch.bfloat16)
                 block = ("block", f"{block_c}x{block_p}/w{warps}")
+                bwd_block = ("block", f"{bwd_c}x{bwd_p}/w{bwd_warps}")
                 for has_w in (True, False):
                     for spatial in (False, True):
                         flags = {"has_weight": has_w, "spatial": spatial}
@@ -382,10 +386,10 @@ def aot_specializations() -> List[KernelSpec]:
                         for need in _NEEDS:
                             if need[2] and not has_w:
                                 continue  # no weight, no weight gradient (make_backward drops it)
-                            kw = _bwd_constexprs(has_w, spatial, acc, *need, block_c, block_p)
-                            bwd_axes = (("kernel", "bwd"), ("need", _need_label(*need))) + axes
+                            kw = _bwd_constexprs(has_w, spatial, acc, *need, bwd_c, bwd_p)
+                            bwd_axes = (("kernel", "bwd"), ("need", _need_label(*need))) + axes[:-1] + (bwd_block,)
                             bwd_hot = hot and need == (True, False, False)  # the loss: input gradient
-                            add(_lpips_bwd_kernel, dtype, kw, warps, flags, bwd_axes, bwd_hot, (c, p))
+                            add(_lpips_bwd_kernel, dtype, kw, bwd_warps, flags, bwd_axes, bwd_hot, (c, p))
     out = []
     for spec, cps in merged.values():
         launch = dict(spec.launch, C=sorted({c for c, _ in cps}), P=sorted({p for _, p in cps}))

@@ -91,7 +91,7 @@ def backward_bounds(x, y, w, grad, spatial: bool):
     c, p = x.shape[1], x.shape[2] * x.shape[3]
     u = acc_u(x.dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block_c, block_p, _ = _config(c, p, acc)
+    block_c, block_p, _ = _config(c, p, acc, backward=True)
     k = _log2_block(block_c)
     x64, y64, a, b, xh, yh, wv = _pieces(xe, ye, w)
     g = grad.double().abs().view(n, 1, *x.shape[2:]) if spatial else (grad.double().abs() / p).view(n, 1, 1, 1)
