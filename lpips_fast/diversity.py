@@ -21,7 +21,9 @@ from .data import list_images
 from .distributed import DistContext, shard
 from .evaluate import RunResult, progress_bar, totals
 from .features import FeatureSource
-from .pairwise import column_scale, flatten_unit_features, gram_distances, pair_distances, sample_pairs, weights_nonneg
+from .pairwise import (
+    column_scale, content_ids, flatten_unit_features, gram_distances, pair_distances, sample_pairs, weights_nonneg,
+)  # fmt: skip
 from .writers import Row, RunOutput, Stats
 
 __all__ = ["evaluate_all_pairs", "image_files"]
@@ -36,14 +38,15 @@ def image_files(directory: str) -> tuple[list[str], list[str]]:
 
 
 def _gather_features(source: FeatureSource, files: list[str], ctx: DistContext, show_progress: bool):
-    """Rank 0: ``[(index, (hw, layer shapes) or None, xhat row or error)]`` sorted by index."""
+    """Rank 0: ``[(index, (hw, layer shapes, file digest) or None, xhat row or error)]`` sorted by index."""
     bar = progress_bar(len(files), "img", show_progress and ctx.is_main and not ctx.enabled)
     mine = []
     for idx, d, f in source.image_features(files, shard(list(range(len(files))), ctx)):
         if isinstance(f, str):
             mine.append((idx, None, f))
         else:
-            mine.append((idx, (d.hw, [tuple(t.shape) for t in f]), flatten_unit_features([t.unsqueeze(0) for t in f])[0]))
+            hs = (d.hw, [tuple(t.shape) for t in f], d.digest)
+            mine.append((idx, hs, flatten_unit_features([t.unsqueeze(0) for t in f])[0]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -111,6 +114,9 @@ def evaluate_all_pairs(
     ok, shapes, bad = _majority(got, rels)
     m = len(ok)
     V = _stack(got, ok) if m else None
+    keep = set(ok)
+    digests = [hs[2] for idx, hs, _ in got if idx in keep]
+    same = None if any(k is None for k in digests) else content_ids(digests)  # equal files score exactly 0
     del got
     weights = source.model.lin_weights()
     clamp = weights_nonneg(weights)
@@ -137,20 +143,21 @@ def evaluate_all_pairs(
             scale = column_scale(shapes, weights)
             if pairs is not None:
                 a, b = sample_pairs(m, min(pairs, m * (m - 1) // 2), seed)
-                vals = pair_distances(V, scale, torch.from_numpy(a), torch.from_numpy(b))
+                vals = pair_distances(V, scale, torch.from_numpy(a), torch.from_numpy(b), same=same)
                 if clamp:
                     vals = vals.clamp(min=0)
                 for lo in range(0, len(a), _ROWS_PER_WRITE):
                     emit([Row(names[a[t]], names[b[t]], float(vals[t]), None) for t in range(lo, min(len(a), lo + _ROWS_PER_WRITE))])
             else:
-                scored += _all_pairs_rows(V, scale, names, source.device, clamp, matrix, writer, stats, emit, resuming=bool(skip))
+                scored += _all_pairs_rows(V, scale, names, source.device, clamp, matrix, writer, stats, emit,
+                                          resuming=bool(skip), same=same)
     finally:
         if writer is not None:
             writer.close()
     return RunResult(stats, scored, len(existing.rows), tot, time.perf_counter() - t0, True)
 
 
-def _all_pairs_rows(V, scale, names, device, clamp, matrix, writer, stats, emit, resuming: bool) -> int:
+def _all_pairs_rows(V, scale, names, device, clamp, matrix, writer, stats, emit, resuming: bool, same=None) -> int:
     """Every pair i < j from one blockwise GEMM; returns the rows written in bulk (``emit``
     counts its own)."""
     out = None
@@ -159,7 +166,7 @@ def _all_pairs_rows(V, scale, names, device, clamp, matrix, writer, stats, emit,
         out = np.lib.format.open_memmap(matrix, mode="w+", dtype=np.float32, shape=(len(names), len(names)))
         with open(os.path.splitext(matrix)[0] + ".paths.txt", "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write("".join(n + "\n" for n in names))
-    D = gram_distances(V, scale, device=device, clamp=clamp, out=out)
+    D = gram_distances(V, scale, device=device, clamp=clamp, out=out, same=same)
     Dn = D if isinstance(D, np.ndarray) else D.numpy()
     m = len(names)
     bulk = 0

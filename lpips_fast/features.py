@@ -22,9 +22,17 @@ import torch
 from .data import Decoded, ImageDataset, bucket_by_size, decode_file, iter_windows, parse_resize, to_model_input
 from .options import parse_dtype
 
-__all__ = ["FeatureSource", "SourceStats", "OutOfMemoryAtBatchOne", "is_oom"]
+__all__ = ["FeatureSource", "SourceStats", "OutOfMemoryAtBatchOne", "is_oom", "same_image"]
 
 T = TypeVar("T")
+
+
+def same_image(d0: Decoded, d1: Decoded) -> bool:
+    """Whether two decoded images are bitwise equal: the same file content (same decoding), or
+    equal pixels when both are at hand."""
+    if d0.digest is not None and d0.digest == d1.digest:
+        return True
+    return d0.array is not None and d1.array is not None and np.array_equal(d0.array, d1.array)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -245,9 +253,10 @@ class FeatureSource:
             self._pinned[key] = [f[0] for f in feats]
 
     # -- distances ---------------------------------------------------------------------------
-    def distances(self, f0: list[torch.Tensor], f1: list[torch.Tensor]) -> torch.Tensor:
-        """(B,) LPIPS values from per-layer features (the model's own combination step)."""
-        return self.model.distances(f0, f1, spatial=False).view(-1)
+    def distances(self, f0: list[torch.Tensor], f1: list[torch.Tensor], same: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) LPIPS values from per-layer features (the model's own combination step); pairs
+        marked in ``same`` hold bitwise-equal images and score exactly 0."""
+        return self.model.distances(f0, f1, spatial=False, same=same).view(-1)
 
     def pair_distances(self, d0s: Sequence[Decoded], d1s: Sequence[Decoded]) -> list[float]:
         """LPIPS of same-size decoded pairs ``(d0s[k], d1s[k])``, in batches of ``batch_size``."""
@@ -256,10 +265,11 @@ class FeatureSource:
             return self._engine_distances(pairs)
 
         def score(chunk):
+            same = torch.tensor([same_image(a, b) for a, b in chunk], device=self.device)  # before pixels are dropped
             with torch.inference_mode():
                 f = self.features([c[0] for c in chunk] + [c[1] for c in chunk])
                 n = len(chunk)
-                return self.distances([t[:n] for t in f], [t[n:] for t in f]).to("cpu", torch.float64).tolist()
+                return self.distances([t[:n] for t in f], [t[n:] for t in f], same).to("cpu", torch.float64).tolist()
 
         return self.run_chunks(pairs, score)
 

@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     "all_pairs", "FeatureRows", "gram_distances", "pair_distances", "flatten_unit_features", "column_scale",
-    "weights_nonneg", "sample_pairs",
+    "weights_nonneg", "sample_pairs", "content_ids", "image_key",
 ]
 
 
@@ -60,9 +60,11 @@ class FeatureRows:
         self.V: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.filled = torch.zeros(n, dtype=torch.bool)
+        self.keys: list = [None] * n  # content hashes, for exact zeros between equal images
 
-    def add(self, index: Sequence[int] | torch.Tensor, feats: Sequence[torch.Tensor]) -> None:
-        """``feats``: per-layer (b, C, h, w) (or (C, h, w) for one image) features of ``index``."""
+    def add(self, index: Sequence[int] | torch.Tensor, feats: Sequence[torch.Tensor], keys: Sequence | None = None) -> None:
+        """``feats``: per-layer (b, C, h, w) (or (C, h, w) for one image) features of ``index``;
+        ``keys``: the images' content hashes (``image_key`` or a file digest)."""
         feats = [f if f.dim() == 4 else f.unsqueeze(0) for f in feats]
         rows = flatten_unit_features(feats, self.eps).to("cpu")
         if self.V is None:
@@ -73,6 +75,13 @@ class FeatureRows:
         idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         self.V[idx] = rows
         self.filled[idx] = True
+        if keys is not None:
+            for i, k in zip(idx.tolist(), keys):
+                self.keys[i] = k
+
+    def same(self) -> torch.Tensor | None:
+        """Content ids of the rows (``content_ids``), or None unless every row has a key."""
+        return None if any(k is None for k in self.keys) else content_ids(self.keys)
 
 
 @contextlib.contextmanager
@@ -101,11 +110,13 @@ def gram_distances(
     block_size: int | None = None,
     out: np.ndarray | torch.Tensor | None = None,
     clamp: bool = True,
+    same: torch.Tensor | None = None,
 ) -> torch.Tensor | np.ndarray:
     """(N, N) distances from (N, K) rows ``V`` and the (K,) column scale, block by block.
 
     ``out`` may be a preallocated (N, N) float32 array (e.g. ``numpy.memmap`` when the matrix does
-    not fit in memory); it is filled and returned.
+    not fit in memory); it is filled and returned. ``same``: (N,) content ids (``content_ids``);
+    images with equal ids are bitwise equal and their distance is exactly 0, as on the diagonal.
     """
     n, k = V.shape
     dev = torch.device(device) if device is not None else V.device
@@ -130,6 +141,8 @@ def gram_distances(
                 if j0 == i0:
                     D = 0.5 * (D + D.T)
                     D.fill_diagonal_(0.0)
+                if same is not None:
+                    D[same[i0:i1, None] == same[None, j0:j1]] = 0.0
                 if clamp:
                     D.clamp_(min=0.0)
                 D32 = D.to(torch.float32)
@@ -144,8 +157,12 @@ def gram_distances(
     return out
 
 
-def pair_distances(V: torch.Tensor, scale: torch.Tensor, i: torch.Tensor, j: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
-    """Distances of selected pairs ``(i[k], j[k])`` directly as ``sum_k s_k (v_i - v_j)^2`` (float64)."""
+def pair_distances(
+    V: torch.Tensor, scale: torch.Tensor, i: torch.Tensor, j: torch.Tensor, *, chunk: int = 4096,
+    same: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Distances of selected pairs ``(i[k], j[k])`` directly as ``sum_k s_k (v_i - v_j)^2``
+    (float64); exactly 0 where ``same`` (content ids, see ``gram_distances``) match."""
     i = torch.as_tensor(i, dtype=torch.long)
     j = torch.as_tensor(j, dtype=torch.long)
     s = scale.double()
@@ -153,7 +170,23 @@ def pair_distances(V: torch.Tensor, scale: torch.Tensor, i: torch.Tensor, j: tor
     for lo in range(0, len(i), chunk):
         d = (V[i[lo : lo + chunk]] - V[j[lo : lo + chunk]]).double()
         out[lo : lo + chunk] = (d * d * s).sum(1)
+    if same is not None:
+        out[same[i] == same[j]] = 0.0
     return out
+
+
+def content_ids(keys: Sequence) -> torch.Tensor:
+    """(N,) int64 ids, equal exactly where ``keys`` (content hashes, or any hashable) are equal."""
+    first: dict = {}
+    return torch.tensor([first.setdefault(k, len(first)) for k in keys], dtype=torch.long)
+
+
+def image_key(x: torch.Tensor | np.ndarray) -> str:
+    """A content hash of one image's values (bitwise-equal images, equal keys)."""
+    import hashlib
+
+    a = x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
+    return hashlib.blake2b(a.tobytes() + str((a.dtype, a.shape)).encode(), digest_size=16).hexdigest()
 
 
 def weights_nonneg(weights) -> bool:
@@ -248,7 +281,9 @@ def all_pairs(
             rows = _rows_from_files(src, [os.fspath(p) for p in items], weights)
     if rows.n == 0:
         return torch.zeros(0, 0)
-    return gram_distances(rows.V, rows.scale, device=src.device, block_size=block_size, out=out, clamp=weights_nonneg(weights))
+    return gram_distances(
+        rows.V, rows.scale, device=src.device, block_size=block_size, out=out, clamp=weights_nonneg(weights), same=rows.same()
+    )
 
 
 def _rows_from_tensor(src, images: torch.Tensor, normalize: bool, batch_size: int, weights) -> FeatureRows:
@@ -260,7 +295,7 @@ def _rows_from_tensor(src, images: torch.Tensor, normalize: bool, batch_size: in
                 raise ValueError(
                     f"images: {x.shape[-2]}x{x.shape[-1]} is smaller than the {src.net} trunk's minimum of {src.min_size} pixels"
                 )
-            rows.add(range(lo, lo + x.shape[0]), src.model.features(x))
+            rows.add(range(lo, lo + x.shape[0]), src.model.features(x), [image_key(im) for im in x])
     return rows
 
 
@@ -275,7 +310,8 @@ def _rows_from_arrays(src, items: list, batch_size: int, weights) -> FeatureRows
         raise ValueError(f"images: all images must have the same size, got {sorted(sizes)}")
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
-            rows.add(range(lo, min(n, lo + batch_size)), src.features(decs[lo : lo + batch_size]))
+            chunk = decs[lo : lo + batch_size]
+            rows.add(range(lo, lo + len(chunk)), src.features(chunk), [image_key(d.array) for d in chunk])
     return rows
 
 
@@ -289,5 +325,5 @@ def _rows_from_files(src, files: list[str], weights) -> FeatureRows:
             size = d.hw
         elif d.hw != size:
             raise ValueError(f"{files[idx]}: size {d.hw[0]}x{d.hw[1]} differs from {size[0]}x{size[1]} (use resize='HxW')")
-        rows.add([idx], f)
+        rows.add([idx], f, [d.digest])
     return rows

@@ -178,3 +178,33 @@ def test_script_raises_a_clear_error():
     _, model = make_pair(net="alex")
     with pytest.raises(RuntimeError, match="torch.jit.trace"):
         torch.jit.script(model)
+
+
+# ----------------------------------------------------------------------------- dataset layer
+def test_dataset_layer_scores_identical_images_exactly_zero(tmp_path):
+    """Equal files (or equal pixels) score exactly 0 in dirs/ref/allpairs and all_pairs."""
+    import shutil
+
+    from lpips_fast import cli
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for name, src in (("x.png", "clean/cat.png"), ("y.png", "clean/astronaut.png")):
+        shutil.copy(f"examples/{src}", a / name)
+    shutil.copy("examples/clean/cat.png", b / "x.png")  # equal copy
+    shutil.copy("examples/distorted/astronaut.png", b / "y.png")
+    out = tmp_path / "dirs.csv"
+    assert cli.main(["dirs", str(a), str(b), "-o", str(out), "-q", "--random-trunk"]) == 0
+    rows = dict(line.split(",")[:3:2] for line in out.read_text().splitlines()[1:])
+    assert rows["x.png"] == "0.0" and float(rows["y.png"]) > 0
+    shutil.copy("examples/clean/cat.png", a / "z.png")  # a duplicate inside one folder
+    out = tmp_path / "pairs.csv"
+    assert cli.main(["allpairs", str(a), "-o", str(out), "-q", "--random-trunk"]) == 0
+    vals = {tuple(line.split(",")[:2]): float(line.split(",")[2]) for line in out.read_text().splitlines()[1:]}
+    assert vals[("x.png", "z.png")] == 0.0 and vals[("x.png", "y.png")] > 0
+    _, model = make_pair(net="alex")
+    x = _img(3, 40, 40, seed=14)
+    x[2] = x[0]
+    D = lpips_fast.all_pairs(x, model=model)
+    assert D[0, 2] == 0 and D[2, 0] == 0 and D[0, 1] > 0
