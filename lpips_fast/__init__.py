@@ -28,6 +28,7 @@ _LAZY = {
     "evaluate_dirs": "evaluate",
     "evaluate_ref": "evaluate",
     "evaluate_pairs": "evaluate",
+    "EvalOptions": "options",
     "score_2afc": "training",
     "score_jnd": "training",
     "train": "training",

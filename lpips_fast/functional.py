@@ -50,6 +50,9 @@ def lpips(
 
 
 def clear_model_cache() -> None:
-    """Forget the cached models (frees their memory)."""
+    """Forget the cached models (frees their memory): ``lpips()``'s and the dataset layer's."""
     with _lock:
         _models.clear()
+    from . import model_cache
+
+    model_cache.clear()
