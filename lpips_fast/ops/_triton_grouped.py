@@ -210,20 +210,21 @@ def _grouped_bwd_kernel(
 class _Layer:
     """One layer's launch geometry: walkable features, block config, program range."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, start: int) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, start: int, backward: bool) -> None:
         self.x, self.y = x, y
         n, self.c, h, w = x.shape
         self.p = h * w
-        self.block_c, self.block_p, self.warps = _triton._config(self.c, self.p, _eager.acc_dtype(x.dtype))
+        acc = _eager.acc_dtype(x.dtype)
+        self.block_c, self.block_p, self.warps = _triton._config(self.c, self.p, acc, backward=backward)
         self.nb = triton.cdiv(self.p, self.block_p)
         self.programs = n * self.nb
         self.start = start
 
 
-def _layers(feats0: List[torch.Tensor], feats1: List[torch.Tensor]) -> List[_Layer]:
+def _layers(feats0: List[torch.Tensor], feats1: List[torch.Tensor], backward: bool = False) -> List[_Layer]:
     out, start = [], 0
     for f0, f1 in zip(feats0, feats1):
-        layer = _Layer(_triton._walkable(f0), _triton._walkable(f1), start)
+        layer = _Layer(_triton._walkable(f0), _triton._walkable(f1), start, backward)
         out.append(layer)
         start += layer.programs
     return out
@@ -327,7 +328,7 @@ def _backward(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_fea
     has_w = len(weights) > 0
     need_weights = need_weights and has_w
     dxs, dys, dws = grouped_grads_empty(feats0, feats1, weights, need_feats0, need_feats1, False)
-    layers = _layers(feats0, feats1)
+    layers = _layers(feats0, feats1, backward=True)
     x0 = layers[0].x
     n = x0.shape[0]
     acc = _eager.acc_dtype(x0.dtype)
@@ -420,21 +421,22 @@ def aot_specializations() -> List[KernelSpec]:
             pixels = [side * side for side in trunk.layer_sizes(size)]
             for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 acc = _eager.acc_dtype(dtype)
-                blocks = [_triton._config(c, p, acc) for c, p in zip(channels, pixels)][:MAX_LAYERS]
+                fwd_blocks = [_triton._config(c, p, acc) for c, p in zip(channels, pixels)][:MAX_LAYERS]
+                bwd_blocks = [_triton._config(c, p, acc, backward=True) for c, p in zip(channels, pixels)][:MAX_LAYERS]
                 for has_w in (True, False):
                     for spatial in (False, True):
                         # The common paths: alex losses in fp32, vgg evaluation in bf16.
                         common = (net, dtype) in (("alex", torch.float32), ("vgg", torch.bfloat16)) and has_w
                         axes = (("net", net), ("dtype", TRITON_DTYPES[dtype]), ("HAS_W", has_w), ("SPATIAL", spatial))
-                        variants = [(_grouped_fwd_kernel, _fwd_flags(has_w, spatial, acc), (("kernel", "grouped_fwd"),), common and not spatial)]
+                        variants = [(_grouped_fwd_kernel, fwd_blocks, _fwd_flags(has_w, spatial, acc), (("kernel", "grouped_fwd"),), common and not spatial)]
                         for need in needs:
                             if need[2] and not has_w:
                                 continue
                             flags = _bwd_flags(has_w, spatial, acc, *need)
                             label = ",".join(k for k, on in zip(("dx", "dy", "dw"), need) if on)
                             hot = common and not spatial and need == (True, False, False)
-                            variants.append((_grouped_bwd_kernel, flags, (("kernel", "grouped_bwd"), ("need", label)), hot))
-                        for fn, flags, kaxes, hot in variants:
+                            variants.append((_grouped_bwd_kernel, bwd_blocks, flags, (("kernel", "grouped_bwd"), ("need", label)), hot))
+                        for fn, blocks, flags, kaxes, hot in variants:
                             constexprs = _constexprs(blocks, **flags)
                             spec = KernelSpec(
                                 kernel=fn.__name__, fn=fn, signature=_signature(fn, dtype, constexprs),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_helpers import assert_within, feats, forward_bound
+from .cuda_helpers import assert_within, feats, forward_bound
 from lpips_fast.ops import lpips_distance, lpips_distance_reference, lpips_distances
 
 pytestmark = pytest.mark.cuda
