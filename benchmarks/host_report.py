@@ -3,7 +3,7 @@
 of a small forward (where per-call overheads dominate), op counts of one forward + backward,
 batch invariance and d(x, x), and the cost of a second-order gradient.
 
-    python benchmarks/host_report.py [--json out.json] [--reference]
+    python benchmarks/host_report.py [--json out.json] [--reference] [--threads 1]
 
 Runs against whatever ``lpips_fast`` is importable, so that two checkouts can be compared with
 the same script (PYTHONPATH=old-checkout python benchmarks/host_report.py). ``--reference`` adds
@@ -61,8 +61,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: small shapes, least noise on a shared machine)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows: dict = {"torch_threads": torch.get_num_threads()}
 
     for net in ("alex", "vgg"):
@@ -88,7 +89,10 @@ def main() -> None:
             (gx,) = torch.autograd.grad(m(xg, y).sum(), xg, create_graph=True)
             (gx * gx).sum().backward()
 
-        rows[f"{name}_grad_penalty_1x64_ms"] = 1e3 * _median_time(penalty, 20)
+        try:
+            rows[f"{name}_grad_penalty_1x64_ms"] = 1e3 * _median_time(penalty, 20)
+        except RuntimeError as e:  # an older lpips_fast had no second-order gradients
+            rows[f"{name}_grad_penalty_1x64_ms"] = f"error: {' '.join(str(e).split())[:120]}"
 
     with torch.no_grad():
         for net in ("alex", "vgg", "squeeze"):
