@@ -264,4 +264,5 @@ def test_resume_retry_errors_rescores_fixed_files(small, tmp_path, capsys):
     assert "count=3 errors=0" in capsys.readouterr().out
     rows = _rows(out)
     assert [r["path0"] for r in rows] == ["img000.png", "img002.png", "img001.png"]
-    assert all(r["error"] == "" and float(r["lpips"]) > 0 for r in rows)
+    # every row scored (the folders hold the same photos, so their values are exactly 0)
+    assert all(r["error"] == "" and float(r["lpips"]) >= 0 for r in rows)
