@@ -1,6 +1,6 @@
 """Ahead-of-time compile of the Triton kernels for sm_90, without a GPU (lpips_fast.ops.aot).
 
-The spec list must be the launcher's: block configs from ``_config``, argument types matching the
+The spec list must be the launcher's: block configs from ``block_config``, argument types matching the
 arguments the launcher builds, every NEED_* combination autograd can request. The compile of the
 CI set (``--scope cover``: the hot specs plus every axis value once, ~45 compiles, 30-60 s on 2
 cores) must succeed without register spills; ``--scope all`` (~1700 specs per arch) is run by
@@ -48,7 +48,7 @@ def test_config_returns_plain_ints():
     for acc, backward in [(a, b) for a in ACC for b in (False, True)]:
         for c in _tr().AOT_CHANNELS:
             for p in (*_tr().AOT_PIXELS, 2, 225, 3025):
-                cfg = _tr()._config(c, p, acc, backward)
+                cfg = _tr().block_config(c, p, acc, backward)
                 assert all(type(v) is int for v in cfg), (c, p, cfg)
                 block_c, block_p, warps = cfg
                 assert block_c >= c and block_c * block_p <= max(4096, block_c) and warps in (4, 8)
@@ -62,11 +62,11 @@ def test_config_plain_ints_under_symbolic_trace():
 
     def f(x):
         assert isinstance(x.shape[1], torch.SymInt)
-        seen.append(_tr()._config(x.shape[1], x.shape[2] * x.shape[3]))
+        seen.append(_tr().block_config(x.shape[1], x.shape[2] * x.shape[3]))
         return x * 2
 
     make_fx(f, tracing_mode="symbolic")(torch.randn(2, 64, 5, 7))
-    assert seen == [_tr()._config(64, 35)] and all(type(v) is int for v in seen[0])
+    assert seen == [_tr().block_config(64, 35)] and all(type(v) is int for v in seen[0])
 
 
 def test_specs_are_the_launchers_configs(specs):
@@ -81,7 +81,7 @@ def test_specs_are_the_launchers_configs(specs):
                 covered.add((s.kernel, s.dtype, c, p))
         # Every (C, P) the spec stands for picks exactly its block config.
         backward = s.kernel == "_lpips_bwd_kernel"
-        picks = {_tr()._config(c, p, acc, backward) for c in s.launch["C"] for p in s.launch["P"]}
+        picks = {_tr().block_config(c, p, acc, backward) for c in s.launch["C"] for p in s.launch["P"]}
         assert picks == {(s.constexprs["BLOCK_C"], s.constexprs["BLOCK_P"], s.num_warps)}, s
     for kernel in ("_lpips_fwd_kernel", "_lpips_bwd_kernel"):
         for dtype in ("fp32", "fp16", "bf16", "fp64"):
@@ -118,12 +118,12 @@ def test_signature_matches_the_arguments_the_launcher_builds(dtype):
     x = torch.rand(2, 64, 3, 5, dtype=dtype)
     y = torch.rand(2, 64, 3, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
     wt = torch.rand(64, dtype=acc)
-    block_c, block_p, warps = _tr()._config(64, 15, acc)
+    block_c, block_p, warps = _tr().block_config(64, 15, acc)
     kw = _tr()._fwd_constexprs(True, False, acc, block_c, block_p)
     out = torch.empty(2, dtype=acc)
     args = _tr()._fwd_args(x, y, wt, out, 15, 1, 1e-10)
     _check_types(args, _tr()._signature(_tr()._lpips_fwd_kernel, dtype, kw), kw)
-    block_c, block_p, warps = _tr()._config(64, 15, acc, backward=True)
+    block_c, block_p, warps = _tr().block_config(64, 15, acc, backward=True)
     kw = _tr()._bwd_constexprs(True, True, acc, True, True, True, block_c, block_p)
     g = torch.rand(2, 1, 3, 5, dtype=acc)
     dwp = torch.empty(2, 64, dtype=acc)
@@ -184,6 +184,9 @@ def test_aot_cover_compiles_for_sm90_without_spills(tmp_path):
     for r in records:
         assert r["ok"] and r["arch"] == 90 and r["spills"] == 0, r
         assert 0 < r["regs"] <= 255 and r["shared"] >= 0 and r["cubin_bytes"] > 0
-        assert {"kernel", "dtype", "BLOCK_C", "BLOCK_P", "num_warps", "launch"} <= set(r)
+        # per-layer kernels: one tile; grouped kernels: one tile per layer slot (BC{k}/BP{k}) and NL
+        tile = {"BLOCK_C", "BLOCK_P"} if r["kernel"].startswith("_lpips") else {"NL", "BC0", "BP0"}
+        assert {"kernel", "dtype", "num_warps", "launch"} | tile <= set(r)
     hot = [r for r in records if r["hot"]]
     assert len(hot) == sum(s.hot for s in aot.load_specs()) and "_lpips_bwd_kernel" in proc.stdout
+    assert {"_grouped_fwd_kernel", "_grouped_bwd_kernel"} <= {r["kernel"] for r in hot}

@@ -24,7 +24,12 @@ from . import _eager
 from ._aot_spec import TRITON_DTYPES, KernelSpec, pointer_type
 from ._autograd import grads_empty, make_backward, setup_context
 
-__all__ = ["distance_triton", "distance_triton_backward", "aot_specializations"]
+# The launcher pieces and the tile helpers are shared with the grouped kernels (_triton_grouped.py).
+__all__ = [
+    "distance_triton", "distance_triton_backward", "aot_specializations",
+    "block_config", "walkable", "nps_strides", "weight_arg", "device_context",
+    "sqrt_acc", "recip", "inv_norm", "load_tile",
+]  # fmt: skip
 
 # torch.library.triton_op / wrap_triton: torch >= 2.6 (the package's floor). tl.sqrt_rn / tl.div_rn
 # and triton.compile(ASTSource(...), target=GPUTarget(...)) (ops/aot.py): checked with torch
@@ -39,7 +44,7 @@ _TILE = 4096  # BLOCK_C * BLOCK_P elements per tensor and program (fp32 accumula
 # IEEE-rounded sqrt and division for fp32 (tl.sqrt and "/" may be approximate on the GPU); they
 # run once per pixel, so the cost is nil. fp64 sqrt and division are IEEE already.
 @triton.jit
-def _sqrt(v, IS_F64: tl.constexpr):
+def sqrt_acc(v, IS_F64: tl.constexpr):
     if IS_F64:
         return tl.sqrt(v)
     else:
@@ -47,7 +52,7 @@ def _sqrt(v, IS_F64: tl.constexpr):
 
 
 @triton.jit
-def _recip(v, IS_F64: tl.constexpr):
+def recip(v, IS_F64: tl.constexpr):
     if IS_F64:
         return 1.0 / v
     else:
@@ -55,13 +60,13 @@ def _recip(v, IS_F64: tl.constexpr):
 
 
 @triton.jit
-def _inv_norm(sum_sq, eps, IS_F64: tl.constexpr):
+def inv_norm(sum_sq, eps, IS_F64: tl.constexpr):
     """1 / (sqrt(sum_c x_c^2) + eps), eps outside the sqrt as in the reference."""
-    return _recip(_sqrt(sum_sq, IS_F64) + eps, IS_F64)
+    return recip(sqrt_acc(sum_sq, IS_F64) + eps, IS_F64)
 
 
 @triton.jit
-def _load_tile(PTR, base, offs_p, offs_c, sp, sc, mask, IS_F64: tl.constexpr):
+def load_tile(PTR, base, offs_p, offs_c, sp, sc, mask, IS_F64: tl.constexpr):
     """A [pixels, channels] tile (zeros outside ``mask``), upcast to the accumulation dtype."""
     t = tl.load(PTR + base + offs_p[:, None] * sp + offs_c[None, :] * sc, mask=mask, other=0.0)
     if IS_F64:
@@ -87,10 +92,10 @@ def _lpips_fwd_kernel(
     mask_c = offs_c < C
     mask_p = offs_p < P
     mask = mask_p[:, None] & mask_c[None, :]
-    x = _load_tile(X, n * sxn, offs_p, offs_c, sxp, sxc, mask, IS_F64)
-    y = _load_tile(Y, n * syn, offs_p, offs_c, syp, syc, mask, IS_F64)
-    ia = _inv_norm(tl.sum(x * x, axis=1), eps, IS_F64)
-    ib = _inv_norm(tl.sum(y * y, axis=1), eps, IS_F64)
+    x = load_tile(X, n * sxn, offs_p, offs_c, sxp, sxc, mask, IS_F64)
+    y = load_tile(Y, n * syn, offs_p, offs_c, syp, syc, mask, IS_F64)
+    ia = inv_norm(tl.sum(x * x, axis=1), eps, IS_F64)
+    ib = inv_norm(tl.sum(y * y, axis=1), eps, IS_F64)
     diff = x * ia[:, None] - y * ib[:, None]
     d2 = diff * diff
     if HAS_W:
@@ -120,16 +125,16 @@ def _lpips_bwd_kernel(
     mask_c = offs_c < C
     mask_p = offs_p < P
     mask = mask_p[:, None] & mask_c[None, :]
-    x = _load_tile(X, n * sxn, offs_p, offs_c, sxp, sxc, mask, IS_F64)
-    y = _load_tile(Y, n * syn, offs_p, offs_c, syp, syc, mask, IS_F64)
+    x = load_tile(X, n * sxn, offs_p, offs_c, sxp, sxc, mask, IS_F64)
+    y = load_tile(Y, n * syn, offs_p, offs_c, syp, syc, mask, IS_F64)
     if SPATIAL:
         g = tl.load(G + n * gsn + offs_p * gsp, mask=mask_p, other=0.0).to(x.dtype)
     else:
         g = tl.where(mask_p, tl.load(G + n * gsn).to(x.dtype) / P, 0.0)
-    nx = _sqrt(tl.sum(x * x, axis=1), IS_F64)
-    ny = _sqrt(tl.sum(y * y, axis=1), IS_F64)
-    ia = _recip(nx + eps, IS_F64)
-    ib = _recip(ny + eps, IS_F64)
+    nx = sqrt_acc(tl.sum(x * x, axis=1), IS_F64)
+    ny = sqrt_acc(tl.sum(y * y, axis=1), IS_F64)
+    ia = recip(nx + eps, IS_F64)
+    ib = recip(ny + eps, IS_F64)
     diff = x * ia[:, None] - y * ib[:, None]
     if HAS_W:
         w = tl.load(Wt + offs_c, mask=mask_c, other=0.0)
@@ -174,16 +179,16 @@ def _pixel_stride(t: torch.Tensor) -> int:
     return t.stride(3) if t.stride(2) == w * t.stride(3) else -1
 
 
-def _walkable(t: torch.Tensor) -> torch.Tensor:
+def walkable(t: torch.Tensor) -> torch.Tensor:
     return t if _pixel_stride(t) >= 0 else t.contiguous()
 
 
-def _nps(t: torch.Tensor) -> Tuple[int, int, int]:
+def nps_strides(t: torch.Tensor) -> Tuple[int, int, int]:
     """(batch, channel, pixel) strides; batch stride 0 when N == 1 so that broadcasts are free."""
     return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1), _pixel_stride(t)
 
 
-def _config(c: int, p: int, acc: torch.dtype = torch.float32, backward: bool = False) -> Tuple[int, int, int]:
+def block_config(c: int, p: int, acc: torch.dtype = torch.float32, backward: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps) for C channels and P pixels per image, as plain Python ints.
 
     A forward tile holds 4096 values (2048 for fp64 accumulation: each takes two registers), so
@@ -205,12 +210,12 @@ def _config(c: int, p: int, acc: torch.dtype = torch.float32, backward: bool = F
     return block_c, block_p, warps
 
 
-def _device_ctx(t: torch.Tensor):
+def device_context(t: torch.Tensor):
     """Launch on the tensor's GPU (not whichever is current); nothing to do for CPU tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _weight_arg(weight: Optional[torch.Tensor], acc: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+def weight_arg(weight: Optional[torch.Tensor], acc: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     return weight.to(acc).contiguous() if weight is not None else like
 
 
@@ -237,8 +242,8 @@ def _bwd_constexprs(has_w, spatial, acc, need_dx, need_dy, need_dw, block_c, blo
 
 
 def _fwd_args(x, y, wt, out, p, n_pblocks, eps) -> dict:
-    sxn, sxc, sxp = _nps(x)
-    syn, syc, syp = _nps(y)
+    sxn, sxc, sxp = nps_strides(x)
+    syn, syc, syp = nps_strides(y)
     return dict(
         X=x, Y=y, Wt=wt, OUT=out, C=x.shape[1], P=p, n_pblocks=n_pblocks,
         sxn=sxn, sxc=sxc, sxp=sxp, syn=syn, syc=syc, syp=syp, eps=eps,
@@ -246,10 +251,10 @@ def _fwd_args(x, y, wt, out, p, n_pblocks, eps) -> dict:
 
 
 def _bwd_args(g, g_sn, g_sp, x, y, wt, dx, dy, dwp, need_dx, need_dy, p, n_pblocks, eps) -> dict:
-    sxn, sxc, sxp = _nps(x)
-    syn, syc, syp = _nps(y)
-    dxn, dxc, dxp = _nps(dx) if need_dx else (0, 0, 0)
-    dyn, dyc, dyp = _nps(dy) if need_dy else (0, 0, 0)
+    sxn, sxc, sxp = nps_strides(x)
+    syn, syc, syp = nps_strides(y)
+    dxn, dxc, dxp = nps_strides(dx) if need_dx else (0, 0, 0)
+    dyn, dyc, dyp = nps_strides(dy) if need_dy else (0, 0, 0)
     return dict(
         G=g, X=x, Y=y, Wt=wt, DX=dx if need_dx else x, DY=dy if need_dy else y, DWP=dwp,
         C=x.shape[1], P=p, n_pblocks=n_pblocks,
@@ -265,7 +270,7 @@ def _launch(fn, programs: int, args: dict, constexprs: dict, num_warps: int, lik
     assert len(ordered) + len(constexprs) == len(fn.arg_names) == len(args) + len(constexprs), (
         f"{fn.__name__}: arguments {sorted(args)} + constexprs {sorted(constexprs)} != {fn.arg_names}"
     )
-    with _device_ctx(like):
+    with device_context(like):
         wrap_triton(fn)[(programs,)](*ordered, **constexprs, num_warps=num_warps)
 
 
@@ -286,17 +291,17 @@ def _signature(fn, feat_dtype: torch.dtype, constexprs: dict) -> dict:
 
 
 def _forward(feat0, feat1, weight, spatial, eps):
-    x, y = _walkable(feat0), _walkable(feat1)
+    x, y = walkable(feat0), walkable(feat1)
     n, c, h, w = x.shape
     p = h * w
     acc = _eager.acc_dtype(x.dtype)
     if n * p == 0:
         out = x.new_zeros((n, 1, h, w) if spatial else (n,), dtype=acc)
         return out if spatial or n == 0 else out.fill_(float("nan"))
-    block_c, block_p, warps = _config(c, p, acc)
+    block_c, block_p, warps = block_config(c, p, acc)
     n_pblocks = triton.cdiv(p, block_p)
     out = x.new_empty((n, 1, h, w) if spatial else (n * n_pblocks,), dtype=acc)
-    wt = _weight_arg(weight, acc, x)
+    wt = weight_arg(weight, acc, x)
     args = _fwd_args(x, y, wt, out, p, n_pblocks, eps)
     constexprs = _fwd_constexprs(weight is not None, spatial, acc, block_c, block_p)
     _launch(_lpips_fwd_kernel, n * n_pblocks, args, constexprs, warps, x)
@@ -307,7 +312,7 @@ def _forward(feat0, feat1, weight, spatial, eps):
 
 def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, need_weight):
     need_weight = need_weight and weight is not None
-    x, y = _walkable(feat0), _walkable(feat1)
+    x, y = walkable(feat0), walkable(feat1)
     n, c, h, w = x.shape
     p = h * w
     acc = _eager.acc_dtype(x.dtype)
@@ -317,16 +322,16 @@ def _backward(grad, feat0, feat1, weight, spatial, eps, need_feat0, need_feat1, 
         dy.zero_()
         dw = weight.new_zeros(weight.shape) if need_weight else feat0.new_empty(0)
         return dx, dy, dw
-    block_c, block_p, warps = _config(c, p, acc, backward=True)
+    block_c, block_p, warps = block_config(c, p, acc, backward=True)
     n_pblocks = triton.cdiv(p, block_p)
     programs = n * n_pblocks
     dwp = x.new_empty((programs, c) if need_weight else (1,), dtype=acc)
     if spatial:
-        g = _walkable(grad)
+        g = walkable(grad)
         g_sn, g_sp = (g.stride(0) if n > 1 else 0), _pixel_stride(g)
     else:
         g, g_sn, g_sp = grad, grad.stride(0), 0
-    wt = _weight_arg(weight, acc, x)
+    wt = weight_arg(weight, acc, x)
     args = _bwd_args(g, g_sn, g_sp, x, y, wt, dx, dy, dwp, need_feat0, need_feat1, p, n_pblocks, eps)
     constexprs = _bwd_constexprs(
         weight is not None, spatial, acc, need_feat0, need_feat1, need_weight, block_c, block_p
@@ -352,7 +357,7 @@ def _need_label(need_dx: bool, need_dy: bool, need_dw: bool) -> str:
 
 def aot_specializations() -> List[KernelSpec]:
     """Every (kernel, dtype, flags, block config) the launcher can pick for AOT_CHANNELS x
-    AOT_PIXELS, from ``_config`` and the launcher's own constexpr and signature builders; specs
+    AOT_PIXELS, from ``block_config`` and the launcher's own constexpr and signature builders; specs
     that compile to the same binary are merged (their ``launch`` lists every (C, P) they serve).
     The contract is ``lpips_fast.ops.aot``'s (see its docstring)."""
     merged: Dict[Tuple, Tuple[KernelSpec, list]] = {}
@@ -371,8 +376,8 @@ def aot_specializations() -> List[KernelSpec]:
         acc = _eager.acc_dtype(dtype)
         for c in AOT_CHANNELS:
             for p in AOT_PIXELS:
-                block_c, block_p, warps = _config(c, p, acc)
-                bwd_c, bwd_p, bwd_warps = _config(c, p, acc, backward=True)
+                block_c, block_p, warps = block_config(c, p, acc)
+                bwd_c, bwd_p, bwd_warps = block_config(c, p, acc, backward=True)
                 common = c in _TRUNK_CHANNELS and p == AOT_PIXELS[-1] and dtype in (torch.float32, torch.bfloat16)
                 block = ("block", f"{block_c}x{block_p}/w{warps}")
                 bwd_block = ("block", f"{bwd_c}x{bwd_p}/w{bwd_warps}")

@@ -29,10 +29,7 @@ from torch.library import triton_op, wrap_triton
 from . import _eager, _triton
 from ._aot_spec import TRITON_DTYPES, KernelSpec, pointer_type
 from ._autograd import grouped_grads_empty, grouped_setup_context, make_grouped_backward
-from ._triton import _inv_norm as inv_norm
-from ._triton import _load_tile as load_tile
-from ._triton import _recip as recip
-from ._triton import _sqrt as sqrt
+from ._triton import inv_norm, load_tile, recip, sqrt_acc
 
 __all__ = ["distances_triton", "distances_triton_backward", "MAX_LAYERS"]
 
@@ -89,8 +86,8 @@ def _bwd_tile(
         g = tl.load(G + OFF + n * P + offs_p, mask=mask_p, other=0.0).to(x.dtype)
     else:
         g = tl.where(mask_p, tl.load(G + n).to(x.dtype) / P, 0.0)
-    nx = sqrt(tl.sum(x * x, axis=1), IS_F64)
-    ny = sqrt(tl.sum(y * y, axis=1), IS_F64)
+    nx = sqrt_acc(tl.sum(x * x, axis=1), IS_F64)
+    ny = sqrt_acc(tl.sum(y * y, axis=1), IS_F64)
     ia = recip(nx + eps, IS_F64)
     ib = recip(ny + eps, IS_F64)
     diff = x * ia[:, None] - y * ib[:, None]
@@ -215,7 +212,7 @@ class _Layer:
         n, self.c, h, w = x.shape
         self.p = h * w
         acc = _eager.acc_dtype(x.dtype)
-        self.block_c, self.block_p, self.warps = _triton._config(self.c, self.p, acc, backward=backward)
+        self.block_c, self.block_p, self.warps = _triton.block_config(self.c, self.p, acc, backward=backward)
         self.nb = triton.cdiv(self.p, self.block_p)
         self.programs = n * self.nb
         self.start = start
@@ -224,15 +221,15 @@ class _Layer:
 def _layers(feats0: List[torch.Tensor], feats1: List[torch.Tensor], backward: bool = False) -> List[_Layer]:
     out, start = [], 0
     for f0, f1 in zip(feats0, feats1):
-        layer = _Layer(_triton._walkable(f0), _triton._walkable(f1), start, backward)
+        layer = _Layer(_triton.walkable(f0), _triton.walkable(f1), start, backward)
         out.append(layer)
         start += layer.programs
     return out
 
 
 def _slot_args(k: int, layer: _Layer, wt: torch.Tensor, off: int) -> Dict[str, object]:
-    sxn, sxc, sxp = _triton._nps(layer.x)
-    syn, syc, syp = _triton._nps(layer.y)
+    sxn, sxc, sxp = _triton.nps_strides(layer.x)
+    syn, syc, syp = _triton.nps_strides(layer.y)
     return {
         f"X{k}": layer.x, f"Y{k}": layer.y, f"W{k}": wt, f"C{k}": layer.c, f"P{k}": layer.p,
         f"NB{k}": layer.nb, f"S{k}": layer.start, f"OFF{k}": off,
@@ -271,7 +268,7 @@ def _launch(fn, group: List[_Layer], args: Dict[str, object], flags: Dict[str, b
     ordered = [args[name] for name in fn.arg_names if name not in constexprs]
     assert len(ordered) + len(constexprs) == len(fn.arg_names), (fn.__name__, sorted(args), sorted(constexprs))
     warps = _warps(blocks)
-    with _triton._device_ctx(group[0].x):
+    with _triton.device_context(group[0].x):
         wrap_triton(fn)[(programs,)](*ordered, **constexprs, num_warps=warps)
 
 
@@ -306,7 +303,7 @@ def _forward(feats0, feats1, weights, spatial, eps):
         if n == 0 or any(layer.p == 0 for layer in layers):  # the mean of no pixels
             return x0.new_full((n,), float("nan"), dtype=acc)
         out = x0.new_empty((n, sum(layer.nb for layer in layers)), dtype=acc)
-    wts = [_triton._weight_arg(w, acc, x0) for w in weights] if has_w else [x0] * len(layers)
+    wts = [_triton.weight_arg(w, acc, x0) for w in weights] if has_w else [x0] * len(layers)
     offsets, off = [], 0
     for layer in layers:
         offsets.append(off)
@@ -343,7 +340,7 @@ def _backward(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_fea
         coff += layer.c
     dwp = x0.new_empty((coff, max(qmax, 1)) if need_weights else (1,), dtype=acc)
     g = grad.to(acc).contiguous()
-    wts = [_triton._weight_arg(w, acc, x0) for w in weights] if has_w else [x0] * len(layers)
+    wts = [_triton.weight_arg(w, acc, x0) for w in weights] if has_w else [x0] * len(layers)
     offsets, off = [], 0
     for layer in layers:
         offsets.append(off)
@@ -359,8 +356,8 @@ def _backward(grad, feats0, feats1, weights, spatial, eps, need_feats0, need_fea
                 i = index[id(group[k])]
                 layer = group[k]
                 args.update(_slot_args(k, layer, wts[i], offsets[i] if spatial else 0))
-                dxn, dxc, dxp = _triton._nps(dxs[i]) if need_feats0 else (0, 0, 0)
-                dyn, dyc, dyp = _triton._nps(dys[i]) if need_feats1 else (0, 0, 0)
+                dxn, dxc, dxp = _triton.nps_strides(dxs[i]) if need_feats0 else (0, 0, 0)
+                dyn, dyc, dyp = _triton.nps_strides(dys[i]) if need_feats1 else (0, 0, 0)
                 args.update({
                     f"DX{k}": dxs[i] if need_feats0 else layer.x, f"DY{k}": dys[i] if need_feats1 else layer.y,
                     f"dxn{k}": dxn, f"dxc{k}": dxc, f"dxp{k}": dxp, f"dyn{k}": dyn, f"dyc{k}": dyc, f"dyp{k}": dyp,
@@ -408,7 +405,7 @@ AOT_IMAGE_SIZES = (64, 224)
 def aot_specializations() -> List[KernelSpec]:
     """Every grouped launch the launcher makes for the alex, vgg and squeeze trunks at
     ``AOT_IMAGE_SIZES``, in every dtype, flag and NEED_* combination: per-layer block configs
-    from ``_triton._config`` (the launcher's), constexprs from ``_constexprs``, types from
+    from ``_triton.block_config`` (the launcher's), constexprs from ``_constexprs``, types from
     ``_signature``. Specs compiling to one binary are merged. The contract is
     ``lpips_fast.ops.aot``'s."""
     from ..nets import TRUNK_CHANNELS, build_trunk
@@ -421,8 +418,8 @@ def aot_specializations() -> List[KernelSpec]:
             pixels = [side * side for side in trunk.layer_sizes(size)]
             for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 acc = _eager.acc_dtype(dtype)
-                fwd_blocks = [_triton._config(c, p, acc) for c, p in zip(channels, pixels)][:MAX_LAYERS]
-                bwd_blocks = [_triton._config(c, p, acc, backward=True) for c, p in zip(channels, pixels)][:MAX_LAYERS]
+                fwd_blocks = [_triton.block_config(c, p, acc) for c, p in zip(channels, pixels)][:MAX_LAYERS]
+                bwd_blocks = [_triton.block_config(c, p, acc, backward=True) for c, p in zip(channels, pixels)][:MAX_LAYERS]
                 for has_w in (True, False):
                     for spatial in (False, True):
                         # The common paths: alex losses in fp32, vgg evaluation in bf16.

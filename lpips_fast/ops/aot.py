@@ -13,7 +13,7 @@ constexprs (``BLOCK_C``, ``BLOCK_P``, flags), ``launch`` (the channel and pixel 
 it), ``hot``, ``seconds`` and ``error``. Exit status 3 when a compile fails or a spec spills
 (every spec is one the launcher picks), 2 on a usage error, 0 otherwise.
 
-Contract for the kernel modules named in ``SPEC_MODULES``: each defines
+Contract for the kernel modules named in ``SPEC_MODULES`` (the per-layer and the grouped kernels): each defines
 ``aot_specializations() -> list[KernelSpec]`` (``lpips_fast.ops._aot_spec``), built by calling
 the module's own launcher code (block-config function, constexpr and signature builders), never
 a copy of it, so that this tool compiles what the launcher runs, and listed most demanding first
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-SPEC_MODULES = ("lpips_fast.ops._triton",)
+SPEC_MODULES = ("lpips_fast.ops._triton", "lpips_fast.ops._triton_grouped")
 SCOPES = ("all", "cover", "hot")
 
 _SPECS: list = []  # set before the worker pool forks; workers index into it

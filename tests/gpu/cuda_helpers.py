@@ -60,14 +60,14 @@ def _pieces(x, y, w):
 
 def forward_bound(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], spatial: bool) -> torch.Tensor:
     """Per-output bound on |fused - oracle| (shape of the op's output, fp64)."""
-    from lpips_fast.ops._triton import _config  # the launcher's tiles decide the sum orders
+    from lpips_fast.ops._triton import block_config  # the launcher's tiles decide the sum orders
 
     n = max(x.shape[0], y.shape[0])
     x, y = x.expand(n, -1, -1, -1), y.expand(n, -1, -1, -1)
     c, p = x.shape[1], x.shape[2] * x.shape[3]
     u = acc_u(x.dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block_c, block_p, _ = _config(c, p, acc)
+    block_c, block_p, _ = block_config(c, p, acc)
     k = _log2_block(block_c)
     r = (k / 2 + 4) * u
     _, _, _, _, xh, yh, wv = _pieces(x, y, w)
@@ -84,14 +84,14 @@ def forward_bound(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], s
 def backward_bounds(x, y, w, grad, spatial: bool):
     """Per-element bounds on (d_feat0, d_feat1, d_weight) for upstream gradient ``grad``, before
     the final rounding to the gradients' dtype (``assert_within`` adds it)."""
-    from lpips_fast.ops._triton import _config
+    from lpips_fast.ops._triton import block_config
 
     n = max(x.shape[0], y.shape[0])
     xe, ye = x.expand(n, -1, -1, -1), y.expand(n, -1, -1, -1)
     c, p = x.shape[1], x.shape[2] * x.shape[3]
     u = acc_u(x.dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block_c, block_p, _ = _config(c, p, acc, backward=True)
+    block_c, block_p, _ = block_config(c, p, acc, backward=True)
     k = _log2_block(block_c)
     x64, y64, a, b, xh, yh, wv = _pieces(xe, ye, w)
     g = grad.double().abs().view(n, 1, *x.shape[2:]) if spatial else (grad.double().abs() / p).view(n, 1, 1, 1)
