@@ -83,24 +83,20 @@ def models_dir() -> Path:
 
 # -- reading weight files --------------------------------------------------------------------
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load
+    """The weights package's one reader (safetensors, or ``torch.load(weights_only=True)``), with
+    the failure said in one ValueError naming the file."""
+    from .weights import read_checkpoint
 
-        try:
-            return load(path.read_bytes())
-        except Exception as e:
-            raise ValueError(f"file: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        return read_checkpoint(path)
+    except FileNotFoundError:
+        raise
     except Exception as e:  # refused pickle content, not a checkpoint, truncated...
         first = " ".join(str(e).split())[:200]
         raise ValueError(
-            f"file: {path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {first}); "
-            "expected safetensors or a torch state dict of tensors"
+            f"file: {path} cannot be read as safetensors or with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {first}); expected a state dict of lin weights"
         ) from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"file: {path} holds a {type(obj).__name__}, expected a state dict of lin weights")
-    return dict(obj)
 
 
 def _canonical_lin(sd: Mapping[str, torch.Tensor], net: str, source: str) -> dict[str, torch.Tensor]:
