@@ -244,3 +244,15 @@ def test_register_stores_the_result_as_a_named_lin_set(hard_set, tmp_path, monke
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="register: got 'x' without out"):
         train(hard_set, register="x")
+
+
+def test_autocast_trunk_trains_close_to_fp32(hard_set):
+    """amp=True (bf16 autocast of the trunk; CUDA's default, here on the CPU) gives weights close
+    to the fp32 run and the same kind of progress; the setting is part of the checkpoint config."""
+    kw = dict(epochs=2, decay_epochs=0, batch_size=32, lr=1e-3, init="uniform", dropout=False, seed=2)
+    fp32 = train(hard_set, **kw)
+    amp = train(hard_set, amp=True, **kw)
+    for k in range(5):
+        a = amp.model.lins[k].weight.detach()
+        b = fp32.model.lins[k].weight.detach()
+        assert torch.allclose(a, b, rtol=0.05, atol=0.02 * float(b.abs().max())), k

@@ -36,6 +36,8 @@ which for ``net='squeeze'`` includes the trunk's Fire-module convolutions (chang
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -160,7 +162,8 @@ class _FeatureStore:
     normalises them itself and computes the weight gradient).
     """
 
-    def __init__(self, model, data: TwoAFCSet, batch_size: int, workers: int, device, progress, diffs: bool) -> None:
+    def __init__(self, model, data: TwoAFCSet, batch_size: int, workers: int, device, progress, diffs: bool,
+                 amp: bool = False) -> None:
         self.diffs = diffs
         self.sides: list[list[torch.Tensor]] | None = None
         shape = None
@@ -174,7 +177,8 @@ class _FeatureStore:
                         f"{imgs.shape[3]}x{imgs.shape[2]} (e.g. {data.p0[int(rows[0])]})"
                     )
                 k, b = imgs.shape[:2]
-                feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+                with trunk_autocast(device, amp):
+                    feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
                 sides = [[f[s * b:(s + 1) * b].float() for f in feats] for s in range(k)]
                 if diffs:
                     sides = [[unit_diff_sq(r, p) for r, p in zip(sides[0], sides[s])] for s in (1, 2)]
@@ -203,11 +207,18 @@ class _FeatureStore:
                 model.distances(sides[0], sides[2], spatial=False))
 
 
-def _streamed_batches(model, data, order, batch_size, workers, device):
+def trunk_autocast(device: torch.device, amp: bool):
+    """bf16 autocast for the trunk's convolutions (the distance step accumulates in fp32 whatever
+    the features' dtype), or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def _streamed_batches(model, data, order, batch_size, workers, device, amp: bool = False):
     """Decode and run the trunk per batch (trunk tuned, or no cache); gradients as the trunk needs."""
     for rows, imgs in iter_batches(data, batch_size, indices=order, workers=workers):
         k, b = imgs.shape[:2]
-        feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+        with trunk_autocast(device, amp):
+            feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
         yield rows, [[f[s * b:(s + 1) * b] for f in feats] for s in range(k)]
 
 
@@ -358,6 +369,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     register: str | None = None,
+    amp: bool | None = None,
 ) -> TrainResult:
     """Train LPIPS lin weights (and the ranking head) on the 2AFC folders ``dirs``.
 
@@ -367,6 +379,8 @@ def train(
     every epoch and resumed from when ``resume`` is true. ``on_epoch_end(epoch, row)`` is called
     after each epoch's checkpoint is written. ``register=NAME`` also stores ``out`` in the lin-set
     registry (``lpips_fast.registry``) as ``NAME@N``, loadable with ``LPIPS(lin=NAME)``.
+    ``amp``: run the trunk under bf16 autocast (default: on CUDA; off on the CPU, where bf16
+    convolutions are slower); the distance step and the lin weights stay fp32.
     """
     from .. import __version__
 
@@ -375,13 +389,14 @@ def train(
         raise ValueError(f"register: got {register!r} without out; the registry stores the written file, pass out=")
     data = open_2afc(dirs, load_size)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = dev.type == "cuda" if amp is None else bool(amp)
     if checkpoint is None and out is not None:
         checkpoint = os.fspath(out) + ".ckpt"
     say = log or (lambda m: None)
     config = _config(
         datasets=list(data.roots), triplets=len(data), net=net, version=version, epochs=epochs,
         decay_epochs=decay_epochs, batch_size=batch_size, lr=lr, beta1=beta1, init=os.fspath(init),
-        dropout=dropout, pnet_rand=pnet_rand, pnet_tune=pnet_tune, seed=seed, load_size=load_size,
+        dropout=dropout, pnet_rand=pnet_rand, pnet_tune=pnet_tune, seed=seed, load_size=load_size, amp=amp,
     )
     rates = learning_rates(float(lr), epochs, decay_epochs)
     total = epochs + decay_epochs
@@ -403,7 +418,7 @@ def train(
         if cache_features and not pnet_tune and start <= total:
             t0 = time.perf_counter()
             model.eval()
-            store = _FeatureStore(model, data, batch_size, workers, dev, progress, diffs=dropout)
+            store = _FeatureStore(model, data, batch_size, workers, dev, progress, diffs=dropout, amp=amp)
             say(f"trunk features of {3 * len(data)} images cached ({store.nbytes() / 2**20:.1f} MiB) "
                 f"in {time.perf_counter() - t0:.1f} s")
 
@@ -414,7 +429,7 @@ def train(
             model.train()
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
             batches = (store.batches(order, batch_size) if store is not None
-                       else _streamed_batches(model, data, order, batch_size, workers, dev))
+                       else _streamed_batches(model, data, order, batch_size, workers, dev, amp))
             losses, accs, counts = [], [], []
             with _bar(len(data), f"epoch {epoch}/{total}", progress) as bar:
                 for rows, sides in batches:
