@@ -117,6 +117,8 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", metavar="DIR", default=None, help="feature cache directory (reused across runs and processes)")
     g.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE", help="cache size bound, LRU-evicted (default: 10G)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--metrics-json", metavar="PATH", default=None,
+                   help="also write the run's counters as JSON (rows, errors, speed, batch sizes, out-of-memory retries, cache hits)")
     return p
 
 
@@ -284,6 +286,7 @@ def _score(args, command: str, specs, *, ref_file: str | None = None, engine_aut
     from .features import FeatureSource
 
     opts = _options(args, command)
+    _check_metrics_path(args, spec_files(specs, ref_file))
     if not engine_auto and args.engine == "auto":
         opts = opts.replace(engine=False)  # one pair: capturing CUDA graphs would cost more than it saves
     out = _output(args, opts, command)
@@ -325,7 +328,43 @@ def _report(args, res) -> int:
     if res is None:
         return EXIT_OK
     _print(summary_line(res), sys.stderr if args.output in (None, "-") else sys.stdout)
+    _write_metrics(args, res)
     return EXIT_ERROR_ROWS if res.stats.errors else EXIT_OK
+
+
+def run_metrics(command: str, result) -> dict:
+    """The counters of a ``RunResult`` as a JSON-ready dict (``--metrics-json``)."""
+    stats, tot = result.stats, result.totals or {}
+    has = stats.n > 0
+    return {
+        "command": command,
+        "rows": stats.count,
+        "errors": stats.errors,
+        "scored_now": result.scored,
+        "resumed": result.resumed,
+        "elapsed_s": result.elapsed,
+        "pairs_per_s": result.scored / result.elapsed if result.elapsed > 0 else 0.0,
+        "lpips": {k: (getattr(stats, k) if has else None) for k in ("mean", "std", "stderr", "min", "max")},
+        "oom_retries": tot.get("oom", 0),
+        "batch_size": {"initial": tot.get("initial_batch_size"), "final": tot.get("batch_size")},
+        "cache": {"hits": tot.get("hits", 0), "misses": tot.get("misses", 0)} if tot.get("cached") else None,
+    }
+
+
+def _check_metrics_path(args, inputs=()) -> None:
+    if getattr(args, "metrics_json", None):
+        from .writers import check_new_file
+
+        _named(lambda: check_new_file(args.metrics_json, "--metrics-json", inputs=inputs))
+
+
+def _write_metrics(args, res) -> None:
+    if getattr(args, "metrics_json", None) and res is not None:
+        import json
+
+        with open(args.metrics_json, "w", encoding="utf-8") as f:
+            json.dump(run_metrics(args.command, res), f, indent=1)
+            f.write("\n")
 
 
 def cmd_pair(args) -> int:
@@ -341,6 +380,7 @@ def cmd_pair(args) -> int:
         if row is not None and not (row.error is not None and args.retry_errors):
             return _pair_result(row)  # already scored: report it, write nothing
     res = _score(args, "pair", specs, engine_auto=False)
+    _write_metrics(args, res)
     return EXIT_OK if res is None else _pair_result(res.rows[0])
 
 
@@ -370,6 +410,7 @@ def cmd_allpairs(args) -> int:
     opts = _options(args, "allpairs", pairs=args.pairs, pair_seed=args.seed if args.pairs is not None else None)
     out = _output(args, opts, "allpairs", stdout_rows=False)
     _named(lambda: out.check(files))
+    _check_metrics_path(args, files)
     if args.matrix:
         check_new_file(args.matrix, "--matrix", inputs=files)
         check_new_file(os.path.splitext(args.matrix)[0] + ".paths.txt", "--matrix", inputs=files)
@@ -384,6 +425,7 @@ def cmd_allpairs(args) -> int:
         return EXIT_OK
     stream = sys.stderr if args.output == "-" else sys.stdout
     _print(summary_line(res), stream)
+    _write_metrics(args, res)
     if res.stats.n:
         _print(f"diversity: {res.stats.mean:.6f} +- {res.stats.stderr:.6f} (mean LPIPS over {res.stats.n} pairs +- standard error)", stream)
     return EXIT_ERROR_ROWS if res.stats.errors else EXIT_OK
@@ -397,6 +439,8 @@ def cmd_map(args) -> int:
     from .heatmap import heat_map
     from .writers import check_new_file
 
+    if args.metrics_json:
+        raise UsageError("--metrics-json: not written by map (one pair, no run counters); use it with pair, dirs, ref or allpairs")
     for p in (args.path0, args.path1):
         _need_file(p, "A/B")
     check_new_file(args.output, "-o", inputs=[args.path0, args.path1])
