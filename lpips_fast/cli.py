@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-__all__ = ["main", "build_parser", "summary_line", "show_progress", "EXIT_OK", "EXIT_ERROR_ROWS", "EXIT_USAGE", "COMMAND_GROUPS"]
+__all__ = ["main", "build_parser", "summary_line", "show_progress", "positive_int", "nonneg_int", "EXIT_OK", "EXIT_ERROR_ROWS", "EXIT_USAGE", "COMMAND_GROUPS"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -45,7 +45,7 @@ def _default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -55,7 +55,7 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _nonneg_int(text: str) -> int:
+def nonneg_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -102,11 +102,11 @@ def _common_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the trunk in the engine (first batch of each size compiles)")
     g = p.add_argument_group("input")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per batch (default: 32; halved on out-of-memory)")
-    g.add_argument("--workers", type=_nonneg_int, default=_default_workers(), help="DataLoader decoding processes (default: %(default)s; 0 decodes in the main process)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="pairs per batch (default: 32; halved on out-of-memory)")
+    g.add_argument("--workers", type=nonneg_int, default=_default_workers(), help="DataLoader decoding processes (default: %(default)s; 0 decodes in the main process)")
     g.add_argument("--resize", type=_resize, default=None, metavar="HxW", help="resize every image (Pillow bicubic) to HxW before scoring")
     g.add_argument(
-        "--max-pixels", type=_positive_int, default=None, metavar="N",
+        "--max-pixels", type=positive_int, default=None, metavar="N",
         help="images with more pixels are decompression-bomb error rows (default: Pillow's Image.MAX_IMAGE_PIXELS, 89478485)",
     )
     g = p.add_argument_group("output")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Images whose size differs from the most common size are error rows (or use --resize).\n\n"
                        "  lpips-fast allpairs samples/ --matrix d.npy\n  lpips-fast allpairs samples/ --pairs 10000 --seed 0 -o pairs.csv")
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--pairs", type=_positive_int, default=None, metavar="N", help="score N random distinct pairs instead of all")
+    p.add_argument("--pairs", type=positive_int, default=None, metavar="N", help="score N random distinct pairs instead of all")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pairs (default: 0)")
     p.add_argument("--matrix", default=None, metavar="OUT.npy", help="save the (M, M) float32 matrix of the M scored images (order listed in OUT.paths.txt; written block by block to a memory-mapped .npy)")
     p.add_argument("-o", "--output", default=None, help="write one row per pair (default: only the summary)")

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from ..cli import nonneg_int, positive_int
+
 __all__ = ["add_commands"]
 
 _NETS = ["alex", "vgg", "vgg16", "squeeze"]
@@ -22,26 +24,6 @@ _VERSIONS = ["0.1", "0.0", "v0.1", "v0.0"]
 def _err(cmd: str, msg: str) -> int:
     print(f"lpips-fast {cmd}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
     return 2
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
 
 
 def _pos_float(text: str) -> float:
@@ -55,9 +37,9 @@ def _pos_float(text: str) -> float:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--load-size", type=_pos_int, default=64, help="shorter image side after resizing (default: 64)")
-    p.add_argument("--batch-size", type=_pos_int, default=50, help="rows per batch (default: 50)")
-    p.add_argument("--workers", type=_nonneg_int, default=0, help="decoding processes (default: 0, in-process)")
+    p.add_argument("--load-size", type=positive_int, default=64, help="shorter image side after resizing (default: 64)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="rows per batch (default: 50)")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="decoding processes (default: 0, in-process)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -191,8 +173,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the trained weights")
     p.add_argument("--net", default="alex", choices=_NETS, help="trunk (default: alex)")
     p.add_argument("--version", default="0.1", choices=_VERSIONS, help="LPIPS version (default: 0.1)")
-    p.add_argument("--epochs", type=_nonneg_int, default=5, help="epochs at the base rate (default: 5)")
-    p.add_argument("--decay-epochs", type=_nonneg_int, default=5, help="further epochs, rate decaying linearly (default: 5)")
+    p.add_argument("--epochs", type=nonneg_int, default=5, help="epochs at the base rate (default: 5)")
+    p.add_argument("--decay-epochs", type=nonneg_int, default=5, help="further epochs, rate decaying linearly (default: 5)")
     p.add_argument("--lr", type=_pos_float, default=1e-4, help="Adam learning rate (default: 1e-4)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default: 0.5)")
     p.add_argument("--init", default="random", metavar="random|uniform|packaged|PATH",
@@ -220,8 +202,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("mode", choices=["2afc", "jnd"])
     p.add_argument("out", metavar="OUT")
     p.add_argument("--sources", required=True, metavar="DIR", help="folder of source photographs")
-    p.add_argument("--n", type=_pos_int, default=64, help="triplets (2afc) or pairs (jnd) (default: 64)")
-    p.add_argument("--size", type=_pos_int, default=64, help="crop size in pixels (default: 64)")
+    p.add_argument("--n", type=positive_int, default=64, help="triplets (2afc) or pairs (jnd) (default: 64)")
+    p.add_argument("--size", type=positive_int, default=64, help="crop size in pixels (default: 64)")
     p.add_argument("--teacher-net", default="alex", choices=_NETS, help="teacher trunk (default: alex)")
     p.add_argument("--teacher-version", default="0.1", choices=_VERSIONS)
     p.add_argument("--teacher-lin", default="packaged", metavar="packaged|sparse|PATH",
