@@ -241,14 +241,16 @@ class LPIPS(nn.Module):
         """
         spatial = self.spatial if spatial is None else spatial
         dropout = self.lpips and self.training and self.use_dropout
+        weights = self.lin_weights()
         with nvtx_range("lpips_fast/distance"):
             if retPerLayer or dropout:
-                res = [self._layer_distance(k, f0, f1, spatial, dropout) for k, (f0, f1) in enumerate(zip(feats0, feats1))]
+                res = [self._layer_distance(k, f0, f1, w, spatial, dropout)
+                       for k, (f0, f1, w) in enumerate(zip(feats0, feats1, weights))]
             elif spatial:
-                res = lpips_distances(feats0, feats1, self.lin_weights(), spatial=True)
+                res = lpips_distances(feats0, feats1, weights, spatial=True)
             else:
                 # All layers in one op call; the sum over layers comes out of the op.
-                val = lpips_distances(feats0, feats1, self.lin_weights()).view(-1, 1, 1, 1)
+                val = lpips_distances(feats0, feats1, weights).view(-1, 1, 1, 1)
                 return _zero_where(same, val)
             if spatial:
                 res = [F.interpolate(r, size=tuple(out_hw), mode="bilinear", align_corners=False) for r in res]
@@ -259,14 +261,16 @@ class LPIPS(nn.Module):
             return _zero_where(same, val), [_zero_where(same, r) for r in res]
         return _zero_where(same, val)
 
-    def _layer_distance(self, k: int, f0: torch.Tensor, f1: torch.Tensor, spatial: bool, dropout: bool) -> torch.Tensor:
+    def _layer_distance(
+        self, k: int, f0: torch.Tensor, f1: torch.Tensor, w: torch.Tensor | None, spatial: bool, dropout: bool
+    ) -> torch.Tensor:
         """One layer's (N,1,1,1) value or (N,1,h,w) map (before upsampling)."""
         if dropout:
             # Training the lin layers with dropout: materialise the diff (reference order), NCHW so
             # that dropout draws its mask in the reference's element order.
             d = self.lins[k](_unit_diff_sq(f0, f1).contiguous())
             return d if spatial else d.mean([2, 3], keepdim=True)
-        r = lpips_distance(f0, f1, self.lin_weights()[k], spatial=spatial)
+        r = lpips_distance(f0, f1, w, spatial=spatial)
         return r if spatial else r.view(-1, 1, 1, 1)
 
     def _pair_features(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool):
