@@ -41,10 +41,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def _default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
 def positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -65,60 +61,41 @@ def nonneg_int(text: str) -> int:
     return v
 
 
-def _resize(text: str):
-    from .data import parse_resize
-
-    try:
-        return parse_resize(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-
-
-def _size(text: str) -> int:
-    from .feature_cache import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive finite size such as 10G or 500M, got {text!r}")
-
-
 def _common_parser() -> argparse.ArgumentParser:
+    """The options every dataset command shares. Model and input options are settings (``[model]``,
+    ``[eval]``, ``[log]`` in ``lpips_fast.settings``): a TOML file and ``LPIPS_FAST_*`` variables
+    give their defaults, the flags here override them."""
+    from .settings import add_arguments, add_flag
+
     p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("settings (defaults < --config file < LPIPS_FAST_* environment < flags; `lpips-fast config show`)")
+    add_arguments(g, (), flags=False)  # --config, --set
     g = p.add_argument_group("model")
-    g.add_argument("--net", default="alex", choices=["alex", "vgg", "vgg16", "squeeze"], help="trunk network (default: alex)")
-    g.add_argument("--version", default="0.1", choices=["0.1", "0.0", "v0.1", "v0.0"], help="LPIPS version (default: 0.1)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: float32)")
-    g.add_argument("--trunk", metavar="PATH", default=None, help="trunk weights file (torchvision format) instead of the fetched ones")
-    g.add_argument("--lin", metavar="PATH|NAME", default=None, help="lin-layer weights: a file, or a set registered with `lpips-fast weights register` (NAME or NAME@N)")
-    g.add_argument("--state-dict", metavar="PATH", default=None, help="a complete LPIPS state dict (reference keys, .safetensors or torch file)")
-    g.add_argument("--random-trunk", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--model-seed", type=int, default=0, help=argparse.SUPPRESS)
-    g.add_argument(
-        "--engine", choices=["auto", "on", "off"], default="auto",
-        help="score pairs with lpips_fast.Engine fed by pinned buffers (CUDA graphs; uint8 over the bus). "
-        "auto: on CUDA without --cache (default: auto)",
-    )
-    g.add_argument("--compile", action="store_true", help="torch.compile the trunk in the engine (first batch of each size compiles)")
+    for name in ("net", "version"):
+        add_flag(g, "model", name)
+    add_flag(g, "eval", "device")
+    add_flag(g, "model", "dtype", help="trunk precision; auto is float32 here")
+    for name in ("trunk", "lin", "state_dict", "random_trunk", "seed"):
+        add_flag(g, "model", name)
+    add_flag(g, "eval", "engine")
+    add_flag(g, "model", "compile", action="store_const", const="on",
+             help="torch.compile the trunk in the engine (first batch of each size compiles); auto is off here")
     g = p.add_argument_group("input")
-    g.add_argument("--batch-size", type=positive_int, default=32, help="pairs per batch (default: 32; halved on out-of-memory)")
-    g.add_argument("--workers", type=nonneg_int, default=_default_workers(), help="DataLoader decoding processes (default: %(default)s; 0 decodes in the main process)")
-    g.add_argument("--resize", type=_resize, default=None, metavar="HxW", help="resize every image (Pillow bicubic) to HxW before scoring")
-    g.add_argument(
-        "--max-pixels", type=positive_int, default=None, metavar="N",
-        help="images with more pixels are decompression-bomb error rows (default: Pillow's Image.MAX_IMAGE_PIXELS, 89478485)",
-    )
+    for name in ("batch_size", "workers", "resize", "max_pixels"):
+        add_flag(g, "eval", name)
     g = p.add_argument_group("output")
-    g.add_argument("--format", choices=["csv", "jsonl"], default=None, help="row format (default: from the -o extension, else csv)")
+    add_flag(g, "eval", "format")
     g.add_argument("--resume", action="store_true", help="keep the rows already in -o OUT and score only the missing pairs")
     g.add_argument("--retry-errors", action="store_true", help="with --resume: score the pairs that were error rows again")
     g.add_argument("--force", action="store_true", help="with --resume: continue an output written with other settings")
-    g.add_argument("--cache", metavar="DIR", default=None, help="feature cache directory (reused across runs and processes)")
-    g.add_argument("--cache-max-size", type=_size, default=None, metavar="SIZE", help="cache size bound, LRU-evicted (default: 10G)")
+    for name in ("cache", "cache_max_size"):
+        add_flag(g, "eval", name)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("--metrics-json", metavar="PATH", default=None,
                    help="also write the run's counters as JSON (rows, errors, speed, batch sizes, out-of-memory retries, cache hits)")
+    for name in ("level", "format"):
+        add_flag(g, "log", name)
+    p.set_defaults(settings_sections=("model", "eval", "log"))
     return p
 
 
@@ -236,13 +213,7 @@ def show_progress(quiet: bool, main: bool = True) -> bool:
 def _options(args, command: str, **extra):
     from .options import EvalOptions
 
-    opts = EvalOptions(
-        net=args.net, version=args.version, device=args.device, dtype=args.dtype, state_dict=args.state_dict,
-        trunk=args.trunk, lin=args.lin, random_trunk=args.random_trunk, seed=args.model_seed,
-        batch_size=args.batch_size, workers=args.workers, resize=args.resize, max_pixels=args.max_pixels,
-        cache=args.cache, cache_max_bytes=args.cache_max_size, distributed=True,
-        engine={"auto": None, "on": True, "off": False}[args.engine], compile=args.compile, extra=extra,
-    )
+    opts = EvalOptions.from_settings(args.settings, distributed=True, extra=extra)
     return _named(opts.validate)  # fail before any work, naming the command-line option
 
 
@@ -266,7 +237,7 @@ def _named(fn):
 def _output(args, opts, command: str, *, stdout_rows: bool | None = None):
     from .writers import RunOutput
 
-    return RunOutput(args.output, args.format, resume=args.resume, settings=opts.settings(command), force=args.force,
+    return RunOutput(args.output, args.settings["eval.format"], resume=args.resume, settings=opts.settings(command), force=args.force,
                      retry_errors=args.retry_errors, stdout_rows=command in ("dirs", "ref") if stdout_rows is None else stdout_rows)
 
 
@@ -287,7 +258,7 @@ def _score(args, command: str, specs, *, ref_file: str | None = None, engine_aut
 
     opts = _options(args, command)
     _check_metrics_path(args, spec_files(specs, ref_file))
-    if not engine_auto and args.engine == "auto":
+    if not engine_auto and args.settings["eval.engine"] == "auto":
         opts = opts.replace(engine=False)  # one pair: capturing CUDA graphs would cost more than it saves
     out = _output(args, opts, command)
     _named(lambda: out.check(spec_files(specs, ref_file)))
@@ -476,11 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a parse error (2)
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     from .errors import OptionError
+    from .settings import SettingsError
     from .writers import OutputWriteError
 
     try:
+        if getattr(args, "settings_sections", None):
+            _apply_settings(args)
         return int(args.func(args) or 0)
-    except (UsageError, OptionError) as e:
+    except (UsageError, OptionError, SettingsError) as e:
         _print(f"lpips-fast {args.command}: error: {' '.join(str(e).split())}", sys.stderr)
         return EXIT_USAGE
     except OutputWriteError as e:
@@ -494,6 +468,16 @@ def main(argv: list[str] | None = None) -> int:
             _print(f"lpips-fast {args.command}: error: {e}", sys.stderr)
             return EXIT_USAGE
         raise
+
+
+def _apply_settings(args) -> None:
+    """``args.settings``: the layered settings of a dataset command (file < env < its flags); logging set up."""
+    from .settings import from_args
+    from .telemetry import configure_logging
+
+    args.settings = s = from_args(args)
+    if s.source("log.level") != "default" or s.source("log.format") != "default":
+        configure_logging(s["log.level"], s["log.format"])  # else Python's own: warnings and above on stderr
 
 
 def _is_weights_missing(e: BaseException) -> bool:

@@ -19,7 +19,7 @@ from .paths import writable_dir
 
 __all__ = [
     "EvalOptions", "OptionError", "parse_dtype", "DTYPES", "resolve_device", "check_device", "check_cache_dir",
-    "check_cache_max_bytes", "lin_identity",
+    "check_cache_max_bytes", "lin_identity", "default_workers",
 ]  # fmt: skip
 
 
@@ -60,6 +60,11 @@ def check_device(device: str | torch.device | None, option: str = "device") -> N
         raise OptionError(f"{option} {device}: CUDA is not available here (expected cpu)")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise OptionError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) (expected cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def default_workers() -> int:
+    """Decoding processes when none are asked for: one per spare CPU, at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def resolve_device(device, model=None) -> torch.device | None:
@@ -109,6 +114,26 @@ class EvalOptions:
     engine: bool | None = None
     compile: bool = False
     extra: dict = field(default_factory=dict)  # command-specific settings recorded for --resume
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "EvalOptions":
+        """The options the ``[model]`` and ``[eval]`` sections of ``settings`` describe
+        (``lpips_fast.settings.load_settings()``; what the dataset commands read); ``overrides`` win.
+
+        ``dtype`` auto is float32 and ``compile`` auto is off here (exact numbers by default);
+        ``workers`` unset is ``default_workers()``; ``engine`` auto is None (on CUDA without a cache).
+        """
+        m, e = settings.section("model"), settings.section("eval")
+        kwargs: dict[str, Any] = dict(
+            net=m["net"], version=m["version"], dtype=None if m["dtype"] == "auto" else m["dtype"],
+            state_dict=m["state_dict"], trunk=m["trunk"], lin=m["lin"], random_trunk=m["random_trunk"], seed=m["seed"],
+            compile=m["compile"] == "on", device=e["device"], batch_size=e["batch_size"],
+            workers=default_workers() if e["workers"] is None else e["workers"], resize=e["resize"],
+            max_pixels=e["max_pixels"], cache=e["cache"], cache_max_bytes=e["cache_max_size"],
+            engine={"auto": None, "on": True, "off": False}[e["engine"]],
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     def replace(self, **changes) -> "EvalOptions":
         return replace(self, **changes)

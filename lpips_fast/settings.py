@@ -4,8 +4,9 @@
     settings["serve.port"]            # 9000
     settings.source("serve.port")     # 'flag --port'
 
-Keys are ``section.name``. Sections group what each part reads: ``model`` (which LPIPS), ``scorer``
-(dynamic batching), ``serve`` (the HTTP service), ``log``. A command that needs more settings adds
+Keys are ``section.name``. Sections group what each part reads: ``model`` (which LPIPS), ``eval``
+(the dataset commands: pair, dirs, ref, allpairs, map), ``scorer`` (dynamic batching), ``serve``
+(the HTTP service), ``log``. A command that needs more settings adds
 its own section with ``define`` (one ``Setting`` per key); nothing else changes.
 
 - File: ``--config PATH`` (or ``$LPIPS_FAST_CONFIG``) names a TOML file whose top-level tables are
@@ -29,10 +30,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 __all__ = [
     "add_arguments",
+    "add_flag",
     "from_args",
     "Setting",
     "Settings",
@@ -43,6 +45,7 @@ __all__ = [
     "load_settings",
     "find_config_file",
     "parse_size",
+    "size_text",
 ]
 
 ENV_PREFIX = "LPIPS_FAST_"
@@ -64,6 +67,14 @@ def parse_size(text: str | int) -> int:
         raise ValueError(text)
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
+
+
+def size_text(n: int) -> str:
+    """Bytes as ``parse_size`` reads them back: ``'10G'``, ``'32M'``, ``'1536'``."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("k", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -91,10 +102,16 @@ class Setting:
     flag: str | None = None  # the command-line flag that sets it (besides --set)
     hidden: bool = False  # not listed in --help (still settable and shown)
     metavar: str | None = None  # for --help (default: from the type or the choices)
+    check: Callable[[Any], Any] | None = None  # further check of a parsed value: ValueError if bad
+    expected: str | None = None  # what is allowed, in words (instead of the type's words)
+    names: bool = False  # 'path' that may also be a registered name (kept as given when no such file)
+    unset: str = "(unset)"  # how ``show`` names None (e.g. '(auto)')
 
     def allowed(self) -> str:
         t = self.type
-        if self.choices:
+        if self.expected:
+            s = self.expected
+        elif self.choices:
             s = "one of " + ", ".join(self.choices)
         elif t in ("int", "float", "size"):
             word = {"int": "an integer", "float": "a number", "size": "a size in bytes such as 32M or 1048576"}[t]
@@ -117,6 +134,17 @@ class Setting:
 
     def parse(self, value: Any, key: str, source: str, base: Path | None = None) -> Any:
         """Check and convert ``value`` (text from env/flags, or a TOML value)."""
+        v = self._parse(value, key, source, base)
+        if self.check is not None and v is not None:
+            try:
+                self.check(v)
+            except ValueError as e:
+                shown = "<secret>" if self.secret else repr(value)
+                why = "" if self.expected else f" ({' '.join(str(e).split())})"
+                raise SettingsError(f"{key}: got {shown} from {source}, expected {self.allowed()}{why}") from None
+        return v
+
+    def _parse(self, value: Any, key: str, source: str, base: Path | None) -> Any:
         shown = "<secret>" if self.secret else repr(value)
 
         def bad(extra: str = "") -> SettingsError:
@@ -168,6 +196,8 @@ class Setting:
             if t == "path":
                 p = Path(os.path.expanduser(v))
                 if base is not None and not p.is_absolute():
+                    if self.names and not (base / p).exists() and "/" not in v and os.sep not in v:
+                        return v  # a registered name, not a file next to the config file
                     p = base / p
                 return str(p)
             return v
@@ -251,16 +281,46 @@ _S = Setting
 for _name, _s in {
     "net": _S("str", "alex", "trunk network", choices=("alex", "vgg", "vgg16", "squeeze"), flag="--net"),
     "version": _S("str", "0.1", "LPIPS version", choices=("0.1", "0.0", "v0.1", "v0.0"), flag="--version"),
-    "dtype": _S("str", "auto", "trunk precision (auto: float32 on CPU, bfloat16 on CUDA)",
+    "dtype": _S("str", "auto", "trunk precision (auto: float32, except Scorer/serve on CUDA: bfloat16)",
                 choices=("auto", "float32", "float16", "bfloat16"), flag="--dtype"),
-    "compile": _S("str", "auto", "torch.compile the trunk (auto: on CUDA only)", choices=("auto", "on", "off"), flag="--compile"),
+    "compile": _S("str", "auto", "torch.compile the trunk (auto: Scorer/serve on CUDA only; dataset commands off)",
+                  choices=("auto", "on", "off"), flag="--compile"),
     "trunk": _S("path", None, "trunk weights file (torchvision format) instead of the fetched ones", nullable=True, flag="--trunk"),
-    "lin": _S("path", None, "lin-layer weights file instead of the packaged ones", nullable=True, flag="--lin"),
+    "lin": _S("path", None, "lin-layer weights: a file, or a set registered with `lpips-fast weights register` "
+              "(NAME or NAME@N)", nullable=True, flag="--lin", names=True, metavar="PATH|NAME",
+              expected="a weights file or a registered lin set NAME[@N]"),
     "state_dict": _S("path", None, "a complete LPIPS state dict (reference keys)", nullable=True, flag="--state-dict"),
-    "random_trunk": _S("bool", False, "random trunk weights (testing only)", hidden=True),
-    "seed": _S("int", 0, "seed for random_trunk", hidden=True),
+    "random_trunk": _S("bool", False, "random trunk weights (testing only)", hidden=True, flag="--random-trunk"),
+    "seed": _S("int", 0, "seed for random_trunk", hidden=True, flag="--model-seed"),
 }.items():
     define("model", _name, _s)
+
+def _check_resize(value: str) -> None:
+    from .data import parse_resize
+
+    parse_resize(value)
+
+
+for _name, _s in {
+    "device": _S("str", None, "cpu, cuda or cuda:N (unset: cuda when available; under torchrun cuda:LOCAL_RANK)",
+                 nullable=True, flag="--device", metavar="DEVICE", unset="(auto)"),
+    "batch_size": _S("int", 32, "pairs per batch (halved on out-of-memory)", min=1, flag="--batch-size"),
+    "workers": _S("int", None, "decoding processes (0: in the main process; unset: min(4, CPUs - 1))", min=0,
+                  nullable=True, flag="--workers", unset="(auto)"),
+    "resize": _S("str", None, "resize every image (Pillow bicubic) to HxW before scoring", nullable=True,
+                 flag="--resize", metavar="HxW", check=_check_resize, expected="HxW such as 256x256"),
+    "max_pixels": _S("int", None, "images with more pixels are decompression-bomb error rows "
+                     "(unset: Pillow's Image.MAX_IMAGE_PIXELS, 89478485)", min=1, nullable=True, flag="--max-pixels",
+                     unset="(Pillow's)"),
+    "cache": _S("path", None, "feature cache directory (reused across runs and processes)", nullable=True,
+                flag="--cache", metavar="DIR"),
+    "cache_max_size": _S("size", 10 << 30, "feature cache size bound, LRU-evicted", min=1, flag="--cache-max-size"),
+    "format": _S("str", None, "row format (unset: from the -o extension, else csv)", choices=("csv", "jsonl"),
+                 nullable=True, flag="--format", unset="(from -o)"),
+    "engine": _S("str", "auto", "score with lpips_fast.Engine fed by pinned buffers (CUDA graphs; uint8 over the "
+                 "bus); auto: on CUDA without a feature cache", choices=("auto", "on", "off"), flag="--engine"),
+}.items():
+    define("eval", _name, _s)
 
 for _name, _s in {
     "devices": _S("list", (), "devices, e.g. cpu or cuda:0,cuda:1 (empty: every GPU, else cpu)", flag="--device",
@@ -347,7 +407,9 @@ class Settings:
         if s.secret:
             return "(unset)" if v is None else "(set, hidden)"
         if v is None:
-            return "(unset)"
+            return s.unset
+        if s.type == "size":
+            return size_text(v)
         if s.type == "list":
             return ",".join(v) if v else "(auto)" if key == "scorer.devices" else "(empty)"
         if s.type in ("map", "weights"):
@@ -537,8 +599,8 @@ _MULTI = ("list", "map", "weights")
 _TYPE_METAVARS = {"path": "PATH", "int": "N", "size": "SIZE", "float": "X", "str": "TEXT", "bool": "BOOL"}
 
 
-def add_arguments(parser: Any, sections: Iterable[str]) -> None:
-    """Add ``--config``, ``--set`` and each flagged key of ``sections`` to an argparse parser.
+def add_arguments(parser: Any, sections: Iterable[str], *, flags: bool = True) -> None:
+    """Add ``--config``, ``--set`` and (``flags``) each flagged key of ``sections`` to an argparse parser.
 
     Flags default to "not given" (``argparse.SUPPRESS``), so only what the command line says
     overrides the file and the environment; ``from_args`` turns the parsed namespace into
@@ -550,21 +612,55 @@ def add_arguments(parser: Any, sections: Iterable[str]) -> None:
                         help=f"TOML settings file (default: ${ENV_CONFIG}, else [tool.lpips-fast] in the nearest pyproject.toml)")
     parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="set any setting (repeatable), e.g. --set serve.max_concurrency=64")
+    if not flags:
+        return
     for section in sections:
         g = parser.add_argument_group(f"[{section}] settings")
         for name, s in SCHEMA[section].items():
-            if not s.flag:
-                continue
-            kw: dict[str, Any] = {"dest": f"setting__{section}__{name}", "default": argparse.SUPPRESS,
-                                  "help": argparse.SUPPRESS if s.hidden else f"{s.help} [{section}.{name}]"}
-            if s.type == "bool":
-                kw.update(action="store_const", const="true")
-            else:
-                choices = "{" + ",".join(s.choices) + "}" if s.choices else None
-                kw["metavar"] = s.metavar or choices or _TYPE_METAVARS.get(s.type, "X")
-                if s.type in _MULTI:
-                    kw["action"] = "append"
-            g.add_argument(s.flag, **kw)
+            if s.flag:
+                add_flag(g, section, name)
+
+
+def _default_text(s: Setting) -> str:
+    v = s.default
+    if v is None:
+        return "unset by default"
+    if s.type == "size":
+        v = size_text(v)
+    elif isinstance(v, bool):
+        v = "true" if v else "false"
+    elif isinstance(v, (tuple, dict)):
+        if not v:
+            return "empty by default"
+        v = ",".join(v) if isinstance(v, tuple) else ",".join(f"{k}={x}" for k, x in v.items())
+    return f"default {v}"
+
+
+def add_flag(parser: Any, section: str, name: str, *names: str, **overrides: Any) -> None:
+    """Add the flag of one key (``Setting.flag``, or ``names``) to an argparse parser or group.
+
+    The flag defaults to "not given" and stores the text as given; ``from_args`` parses it with
+    the key's ``Setting`` (so a bad value names the key, the flag and what is allowed).
+    ``overrides`` are passed to ``add_argument`` (e.g. ``action="store_const", const="on"``); a
+    ``help`` override replaces the key's help text (the key and its default are appended).
+    """
+    import argparse
+
+    s = SCHEMA[section][name]
+    kw: dict[str, Any] = {"dest": f"setting__{section}__{name}", "default": argparse.SUPPRESS,
+                          "help": argparse.SUPPRESS if s.hidden
+                          else f"{overrides.pop('help', s.help)} [{section}.{name}: {_default_text(s)}]"}
+    if s.type == "bool":
+        kw.update(action="store_const", const="true")
+    else:
+        choices = "{" + ",".join(s.choices) + "}" if s.choices else None
+        kw["metavar"] = s.metavar or choices or _TYPE_METAVARS.get(s.type, "X")
+        if s.type in _MULTI:
+            kw["action"] = "append"
+    kw.update(overrides)
+    if kw.get("action") in ("store_const", "store_true", "store_false"):
+        kw.pop("metavar", None)
+    parser.add_argument(*(names or (s.flag,)), **kw)
 
 
 def from_args(args: Any, env: Mapping[str, str] | None = None) -> Settings:

@@ -25,9 +25,24 @@ def _cli_lines() -> list[str]:
         for line in block.splitlines():
             line = line.split("  #", 1)[0].strip()
             # Set-up commands (pip, weights fetch) are run by .ci/run itself.
-            if line.startswith("lpips-fast ") and " weights fetch" not in line:
+            # A line sent to the background (`... &`) starts a server: tests/test_serve.py runs that one.
+            if (_ENV_PREFIX.sub("", line).startswith("lpips-fast ") and " weights fetch" not in line
+                    and not line.endswith("&")):
                 lines.append(line)
     return lines
+
+
+_ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")  # VAR=value lpips-fast ...
+
+
+def _split_env(line: str) -> tuple[dict, list[str]]:
+    """``VAR=1 lpips-fast a b`` -> ({'VAR': '1'}, ['lpips-fast', 'a', 'b'])."""
+    argv = shlex.split(line)
+    env = {}
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+        k, v = argv.pop(0).split("=", 1)
+        env[k] = v
+    return env, argv
 
 
 def _require_alex():
@@ -49,9 +64,9 @@ def test_readme_has_cli_and_python_examples():
 @pytest.mark.parametrize("line", _cli_lines())
 def test_readme_cli_line_runs(line, tmp_path):
     _require_alex()
-    argv = shlex.split(line)
+    env, argv = _split_env(line)
     cmd = [sys.executable, "-m", "lpips_fast.cli", *argv[1:]]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
     assert out.returncode == 0, (line, out.stdout[-2000:], out.stderr[-2000:])
 
 
