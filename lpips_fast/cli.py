@@ -311,6 +311,7 @@ def run_metrics(command: str, result) -> dict:
         "command": command,
         "rows": stats.count,
         "errors": stats.errors,
+        "errors_by_kind": dict(sorted(stats.error_kinds.items())),  # lpips_fast.errors.ROW_ERROR_KINDS
         "scored_now": result.scored,
         "resumed": result.resumed,
         "elapsed_s": result.elapsed,

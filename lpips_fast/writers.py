@@ -73,11 +73,16 @@ class Stats:
     m2: float = 0.0
     min: float = math.inf
     max: float = -math.inf
+    error_kinds: dict = field(default_factory=dict)  # row_error_kind -> count
 
     def add(self, row: Row) -> None:
         self.count += 1
         if row.error is not None or row.lpips is None:
+            from .errors import row_error_kind
+
             self.errors += 1
+            kind = row_error_kind(row.error or "")
+            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
             return
         self.add_value(float(row.lpips))
 
