@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scorer.py                               # 64 threads, alex 64 px, CPU
     python benchmarks/bench_scorer.py --devices cpu,cpu --max-batch 32 --duration 10
+    pytest benchmarks/bench_scorer.py                               # pytest-benchmark: one short round
 
 Each of ``--threads`` client threads sends one pair at a time (a closed loop: the next request
 after the previous answer) for ``--duration`` seconds after a warm-up:
@@ -20,12 +21,16 @@ against ``LPIPS`` (1e-6). A closed loop of N clients obeys Little's law (mean la
 throughput), so with N far above the batch size the p99 target of the issue (under 4x the
 single-request latency) holds only if one batch of N costs under ~4 single calls; the JSON records
 both ratios (against the idle single request, and against the direct threads' p99) so the trade
-is visible. Results: ``benchmarks/results/bench_scorer-<device>-<date>.json``.
+is visible. Then an open loop (``--open-loads``): Poisson arrivals at a fraction of the direct
+threads' closed-loop pairs/s, sent without waiting for answers (direct: to a pool of ``--threads``
+callers; scorer: ``Scorer.submit``); latency from each scheduled arrival to its answer, i.e. what
+a service sees at that traffic level. Results: ``benchmarks/results/bench_scorer-<device>-<date>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import datetime as dt
 import json
@@ -111,7 +116,59 @@ def closed_loop(call, pairs, threads: int, warmup: float, duration: float) -> di
     }
 
 
+def open_loop(submit, pairs, rate: float, warmup: float, duration: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate`` pairs/s, each handed to ``submit(a, b) -> Future`` without waiting
+    for earlier answers; a request's latency runs from its scheduled arrival to its answer.
+
+    The offered load does not slow down when answers are late (unlike a closed loop), so this
+    measures the latency a service sees at a given traffic level.
+    """
+    import random
+
+    rng = random.Random(seed)
+    t_start = time.perf_counter() + warmup
+    t_end = t_start + duration
+    lat: list[float] = []
+    futures = []
+    lock = threading.Lock()
+    t = time.perf_counter()
+    k = 0
+    while t < t_end:
+        t += rng.expovariate(rate)
+        delay = t - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        a, b = pairs[k % len(pairs)]
+        k += 1
+        arrival = t
+        fut = submit(a, b)
+
+        def record(f, arrival=arrival):
+            done = time.perf_counter()
+            if arrival >= t_start and arrival < t_end and not f.cancelled() and f.exception() is None:
+                with lock:
+                    lat.append(done - arrival)
+
+        fut.add_done_callback(record)
+        futures.append(fut)
+    for f in futures:
+        f.result()
+    return {
+        "offered_pairs_per_s": rate,
+        "pairs": len(lat),
+        "p50_ms": 1000 * pct(lat, 0.50),
+        "p99_ms": 1000 * pct(lat, 0.99),
+        "mean_ms": 1000 * statistics.fmean(lat),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run(args, argv)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net", default="alex")
     p.add_argument("--size", type=int, default=64)
@@ -124,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads (default: min(2, CPUs) on the CPU)")
     p.add_argument("--random-trunk", action="store_true", help="random trunk weights (no pretrained file needed)")
+    p.add_argument("--open-loads", default="0.5,0.9",
+                   help="open-loop offered loads as fractions of the direct threads' closed-loop pairs/s (empty: none)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_scorer-<device>-<date>.json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args, argv=None) -> dict:
+    """One benchmark run (``main``'s arguments); prints a line per round and writes the JSON."""
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
@@ -173,16 +236,41 @@ def main(argv: list[str] | None = None) -> int:
                    "throughput_ratio": s_["pairs_per_s"] / d["pairs_per_s"],
                    "cpu_efficiency_ratio": s_["pairs_per_cpu_s"] / d["pairs_per_cpu_s"],
                    "scorer_p99_over_single": s_["p99_ms"] / one, "scorer_p99_over_direct_p99": s_["p99_ms"] / d["p99_ms"]}
+            loads = [float(x) for x in args.open_loads.split(",") if x.strip()]
+            if loads:
+                pool = concurrent.futures.ThreadPoolExecutor(args.threads)  # the direct callers
+                try:
+                    row["open_loop"] = [
+                        {"load": f, "direct": open_loop(lambda a, b: pool.submit(direct, a, b), pairs,
+                                                        f * d["pairs_per_s"], args.warmup, args.duration),
+                         "scorer": open_loop(scorer.submit, pairs, f * d["pairs_per_s"], args.warmup, args.duration)}
+                        for f in loads
+                    ]
+                finally:
+                    pool.shutdown()
+                for o in row["open_loop"]:
+                    o["scorer_p99_over_single"] = o["scorer"]["p99_ms"] / one
+                    o["direct_p99_over_single"] = o["direct"]["p99_ms"] / one
             rounds.append(row)
             print(f"round {r}: single {one:.1f} ms | direct {d['pairs_per_s']:.1f} pairs/s p50 {d['p50_ms']:.1f} "
                   f"p99 {d['p99_ms']:.1f} ms | scorer {s_['pairs_per_s']:.1f} pairs/s p50 {s_['p50_ms']:.1f} "
                   f"p99 {s_['p99_ms']:.1f} ms, mean batch {s_['mean_batch_size'] or 0:.1f}, {s_['pairs_per_device']} | "
                   f"x{row['throughput_ratio']:.2f} pairs/s, x{row['cpu_efficiency_ratio']:.2f} pairs per CPU-second, "
                   f"p99 {row['scorer_p99_over_single']:.1f}x single", flush=True)
+            for o in row.get("open_loop", []):
+                print(f"  open loop at {o['load']:.0%} of direct's pairs/s ({o['scorer']['offered_pairs_per_s']:.0f}/s): "
+                      f"direct p50 {o['direct']['p50_ms']:.1f} p99 {o['direct']['p99_ms']:.1f} ms | scorer p50 "
+                      f"{o['scorer']['p50_ms']:.1f} p99 {o['scorer']['p99_ms']:.1f} ms = {o['scorer_p99_over_single']:.1f}x "
+                      f"single", flush=True)
 
     med = {k: statistics.median(r[k] for r in rounds)
            for k in ("throughput_ratio", "cpu_efficiency_ratio", "scorer_p99_over_single", "scorer_p99_over_direct_p99",
                      "single_request_ms")}
+    for i, f in enumerate(float(x) for x in args.open_loads.split(",") if x.strip()):
+        med[f"open_loop_{f:g}_scorer_p99_over_single"] = statistics.median(r["open_loop"][i]["scorer_p99_over_single"] for r in rounds)
+        med[f"open_loop_{f:g}_direct_p99_over_single"] = statistics.median(r["open_loop"][i]["direct_p99_over_single"] for r in rounds)
+        print(f"median open loop at {f:.0%}: scorer p99 {med[f'open_loop_{f:g}_scorer_p99_over_single']:.1f}x single, "
+              f"direct p99 {med[f'open_loop_{f:g}_direct_p99_over_single']:.1f}x single", flush=True)
     print(f"median of {len(rounds)} rounds: throughput x{med['throughput_ratio']:.2f} (target >= 3), "
           f"x{med['cpu_efficiency_ratio']:.2f} pairs per CPU-second; scorer p99 = "
           f"{med['scorer_p99_over_single']:.1f}x the single request (target < 4), "
@@ -205,7 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
+    return record
+
+
+def test_scorer_batching(benchmark):
+    """pytest-benchmark entry: ``pytest benchmarks/bench_scorer.py`` (one round, 4 s per mode; the
+    ratios go to ``extra_info`` and the JSON); ``python benchmarks/bench_scorer.py`` for more rounds."""
+    p = _parser()
+    args = p.parse_args(["--rounds", "1", "--duration", "4"])
+    record = benchmark.pedantic(run, args=(args, ["--rounds", "1", "--duration", "4"]), rounds=1, iterations=1)
+    benchmark.extra_info.update(record["median"])
+    assert record["median"]["throughput_ratio"] > 1.0  # batching must at least beat one call per pair
 
 
 if __name__ == "__main__":
