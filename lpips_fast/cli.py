@@ -10,8 +10,11 @@
 Exit status: 0 every row scored, 3 some rows are errors, 2 bad arguments (one line on stderr
 naming the option; also missing weights), 1 an unexpected failure. See ``lpips-fast COMMAND --help``.
 
-This module parses arguments and prints; each command builds an ``EvalOptions`` and a
-``RunOutput`` and calls one library function (``evaluate.run_to_output``,
+The model and input options are layered settings (``lpips_fast.settings``, sections ``[model]``,
+``[eval]``, ``[log]``): defaults < TOML file (``--config``, or ``[tool.lpips-fast]`` in a
+pyproject.toml upward) < ``LPIPS_FAST_*`` environment < flags (``--set SECTION.KEY=VALUE`` sets
+any key). This module parses arguments and prints; each command builds an ``EvalOptions`` (from
+the settings) and a ``RunOutput`` and calls one library function (``evaluate.run_to_output``,
 ``diversity.evaluate_all_pairs``, ``heatmap.heat_map``).
 """
 

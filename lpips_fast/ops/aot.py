@@ -227,6 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--scope", choices=SCOPES, default="all", help="all specs (default), cover (CI set) or hot")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     ap.add_argument("--table", choices=("hot", "all", "none"), default="hot", help="rows to print (default hot)")
+    ap.add_argument("--module", choices=SPEC_MODULES, action="append", default=None,
+                    help="only the specs of this kernel module (repeatable; default: every module)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -237,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lpips_fast.ops.aot: triton is not installed ({exc})", file=sys.stderr)
         return 1
     os.environ.pop("TRITON_INTERPRET", None)  # real kernels, even when a test session set it
-    specs = select(load_specs(), args.scope)
+    specs = select(load_specs(args.module or SPEC_MODULES), args.scope)
     cache = tempfile.mkdtemp(prefix="lpips_fast_aot_")
     os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every spec really compiles
     t0 = time.perf_counter()
