@@ -345,11 +345,22 @@ async def _read_pairs(request, batch: bool, max_body: int) -> list[tuple[bytes, 
 def create_app(settings: Settings):
     """The FastAPI app. Models load in a background thread at startup; /readyz says when done."""
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.responses import JSONResponse, Response
 
     service = Service(settings)
+    app = FastAPI(title="lpips-fast", lifespan=_lifespan(service), docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    _add_error_handlers(app)
+    _add_probe_routes(app, service)
+    _add_models_route(app, service)
+    _add_distance_route(app, service)
+    _add_batch_route(app, service)
+    _add_map_route(app, service)
+    return _Limits(app, service)
+
+
+def _lifespan(service: Service):
+    """The app's lifespan: the models load in a thread from startup on; at shutdown that thread is
+    joined, then every scorer drains (``Service.close``)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -362,35 +373,81 @@ def create_app(settings: Settings):
             await asyncio.to_thread(service.close)
             log.info("scorers drained; bye")
 
-    app = FastAPI(title="lpips-fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
+    return lifespan
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(request, e: HTTPError):
-        return _error_response(e.status, e.code, e.message, e.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _starlette_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return _error_response(e.status_code, code, str(e.detail))
+# -- error handlers: every answer other than 200 is JSON {"code", "message"} -------------------
+def _add_error_handlers(app) -> None:
+    """``HTTPError`` as raised; Starlette's (404, 405, ...); FastAPI's validation errors (400);
+    anything else (500, logged with its traceback)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e):
-        return _error_response(400, "bad_request", str(e.errors()))
+    app.add_exception_handler(HTTPError, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _starlette_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, e):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error_response(500, "internal", f"{type(e).__name__}: {e}")
 
-    def _check_auth(request: Request) -> None:
-        if service.auth is not None:
-            got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, service.auth):
-                raise HTTPError(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>' header")
+async def _http_error(request, e: HTTPError):
+    return _error_response(e.status, e.code, e.message, e.headers)
 
-    def _arm_headers(arm: Arm) -> dict[str, str]:
-        return {"X-LPIPS-Arm": arm.name, "X-LPIPS-Model": arm.spec.name}
+
+async def _starlette_error(request, e):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return _error_response(e.status_code, code, str(e.detail))
+
+
+async def _validation_error(request, e):
+    return _error_response(400, "bad_request", str(e.errors()))
+
+
+async def _unexpected(request, e):
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error_response(500, "internal", f"{type(e).__name__}: {e}")
+
+
+# -- what the scoring endpoints share ---------------------------------------------------------
+def _check_auth(service: Service, request: Request) -> None:
+    """401 unless the request carries ``serve.auth_token`` as its bearer token (when one is set)."""
+    if service.auth is not None:
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, service.auth):
+            raise HTTPError(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>' header")
+
+
+async def _arm_and_pairs(service: Service, request: Request, batch: bool) -> tuple[Arm, list[tuple[bytes, bytes]]]:
+    """A scoring request's arm and image pairs, checked in this order: the token (401), readiness
+    (503), then the body (400, 415; one pair unless ``batch``)."""
+    _check_auth(service, request)
+    arm = service.route(request)
+    return arm, await _read_pairs(request, batch=batch, max_body=service.max_body)
+
+
+def _arm_headers(arm: Arm) -> dict[str, str]:
+    return {"X-LPIPS-Arm": arm.name, "X-LPIPS-Model": arm.spec.name}
+
+
+def _scored_response(arm: Arm, started: float, fields: dict[str, Any]):
+    """A JSON answer: ``fields``, then the arm's model, the arm and the milliseconds since ``started``."""
+    from starlette.responses import JSONResponse
+
+    body = {**fields, "model": arm.spec.name, "arm": arm.name, "ms": round(1000 * (time.perf_counter() - started), 3)}
+    return JSONResponse(body, headers=_arm_headers(arm))
+
+
+async def _score_or_error(service: Service, arm: Arm, img0: bytes, img1: bytes) -> dict:
+    """One batch result: ``{"lpips"}``, or ``{"error": {"code", "message"}}`` where the pair fails."""
+    try:
+        return {"lpips": await service.score(arm.scorer, img0, img1)}
+    except HTTPError as e:
+        return {"error": {"code": e.code, "message": e.message}}
+
+
+# -- endpoints --------------------------------------------------------------------------------
+def _add_probe_routes(app, service: Service) -> None:
+    """``GET /healthz`` (the process answers), ``/readyz`` (every arm warm, else 503), ``/metrics``."""
+    from starlette.responses import Response
 
     @app.get("/healthz")
     async def healthz():
@@ -411,9 +468,13 @@ def create_app(settings: Settings):
         reg.register(prometheus_collector(service.scorers_metrics))
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
+
+def _add_models_route(app, service: Service) -> None:
+    """``GET /v1/models``: each arm's model, traffic share, readiness, devices and batch size."""
+
     @app.get("/v1/models")
     async def models(request: Request):
-        _check_auth(request)
+        _check_auth(service, request)
         out = []
         for arm in service.arms:
             s = arm.scorer
@@ -424,50 +485,47 @@ def create_app(settings: Settings):
             })
         return {"models": out, "key_header": service.key_header}
 
+
+def _add_distance_route(app, service: Service) -> None:
+    """``POST /v1/distance``: one pair -> ``{"lpips", "model", "arm", "ms"}``."""
+
     @app.post("/v1/distance")
     async def distance(request: Request):
         t = time.perf_counter()
-        _check_auth(request)
-        arm = service.route(request)
-        ((img0, img1),) = await _read_pairs(request, batch=False, max_body=service.max_body)
+        arm, ((img0, img1),) = await _arm_and_pairs(service, request, batch=False)
         value = await service.score(arm.scorer, img0, img1)
-        body = {"lpips": value, "model": arm.spec.name, "arm": arm.name, "ms": round(1000 * (time.perf_counter() - t), 3)}
-        return JSONResponse(body, headers=_arm_headers(arm))
+        return _scored_response(arm, t, {"lpips": value})
+
+
+def _add_batch_route(app, service: Service) -> None:
+    """``POST /v1/distance/batch``: up to ``MAX_PAIRS_PER_BATCH_REQUEST`` pairs (else 413), scored
+    concurrently on one arm -> ``{"results", "model", "arm", "ms"}``, a result or an error per pair."""
 
     @app.post("/v1/distance/batch")
     async def distance_batch(request: Request):
         t = time.perf_counter()
-        _check_auth(request)
-        arm = service.route(request)
-        pairs = await _read_pairs(request, batch=True, max_body=service.max_body)
+        arm, pairs = await _arm_and_pairs(service, request, batch=True)
         if len(pairs) > MAX_PAIRS_PER_BATCH_REQUEST:
             raise HTTPError(413, "too_many_pairs", f"pairs: got {len(pairs)}, expected at most {MAX_PAIRS_PER_BATCH_REQUEST}")
+        results = await asyncio.gather(*(_score_or_error(service, arm, a, b) for a, b in pairs))
+        return _scored_response(arm, t, {"results": results})
 
-        async def one(img0: bytes, img1: bytes) -> dict:
-            try:
-                return {"lpips": await service.score(arm.scorer, img0, img1)}
-            except HTTPError as e:
-                return {"error": {"code": e.code, "message": e.message}}
 
-        results = await asyncio.gather(*(one(a, b) for a, b in pairs))
-        body = {"results": results, "model": arm.spec.name, "arm": arm.name,
-                "ms": round(1000 * (time.perf_counter() - t), 3)}
-        return JSONResponse(body, headers=_arm_headers(arm))
+def _add_map_route(app, service: Service) -> None:
+    """``POST /v1/map``: one pair -> the spatial map as a PNG (``_map_png``); the palette is checked
+    first (400), the map scorer built on the arm's first map request."""
+    from starlette.responses import Response
 
     @app.post("/v1/map")
     async def spatial_map(request: Request, vmax: float | None = None, palette: str = "heat"):
         if palette not in ("heat", "gray"):
             raise HTTPError(400, "bad_request", f"palette: got {palette!r}, expected heat or gray")
-        _check_auth(request)
-        arm = service.route(request)
-        ((img0, img1),) = await _read_pairs(request, batch=False, max_body=service.max_body)
+        arm, ((img0, img1),) = await _arm_and_pairs(service, request, batch=False)
         scorer = await asyncio.to_thread(service.map_scorer, arm)
         heat = await service.score(scorer, img0, img1)
         png, top = await asyncio.to_thread(_map_png, heat, vmax, palette)
         headers = _arm_headers(arm) | {"X-LPIPS-Value": repr(float(heat.mean())), "X-LPIPS-Vmax": repr(top)}
         return Response(png, media_type="image/png", headers=headers)
-
-    return _Limits(app, service)
 
 
 def _map_png(heat, vmax: float | None, palette: str) -> tuple[bytes, float]:
