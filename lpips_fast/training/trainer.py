@@ -253,7 +253,7 @@ def _config(**kw) -> dict:
     return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in kw.items()}
 
 
-def _check_args(epochs, decay_epochs, batch_size, lr, beta1):
+def _check_args(epochs, decay_epochs, batch_size, lr, beta1, register, out):
     for name, v, lo in (("epochs", epochs, 0), ("decay_epochs", decay_epochs, 0), ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: got {v!r}, expected an int >= {lo}")
@@ -263,6 +263,8 @@ def _check_args(epochs, decay_epochs, batch_size, lr, beta1):
         raise ValueError(f"lr: got {lr!r}, expected a positive float")
     if not (isinstance(beta1, (int, float)) and 0 <= beta1 < 1):
         raise ValueError(f"beta1: got {beta1!r}, expected a float in [0, 1)")
+    if register is not None and out is None:
+        raise ValueError(f"register: got {register!r} without out; the registry stores the written file, pass out=")
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -341,6 +343,133 @@ def save_weights(path, model, metadata: dict, include_trunk: bool = False) -> st
 
 
 # -- the loop ----------------------------------------------------------------------------------
+class _TrainingRun:
+    """The state one ``train()`` call works on: data, model, head, optimizer, feature cache, history.
+
+    The pieces run in ``train()``'s order (build, resume, cache the features, the epochs, the
+    training-set score); ``train()`` seeds the global random state before ``build`` and keeps it
+    forked from the caller's for all of them.
+    """
+
+    def __init__(self, data: TwoAFCSet, dev: torch.device, *, amp: bool, total: int, batch_size: int, workers: int,
+                 load_size: int, seed: int, pnet_tune: bool, config: dict, progress: bool | None,
+                 say: Callable[[str], None]) -> None:
+        self.data, self.dev, self.amp, self.total = data, dev, amp, total
+        self.batch_size, self.workers, self.load_size = batch_size, workers, load_size
+        self.seed, self.pnet_tune, self.config = seed, pnet_tune, config
+        self.progress, self.say = progress, say
+        self.store: _FeatureStore | None = None
+        self.history: list[dict] = []
+
+    def build(self, net, version, init, pnet_rand, dropout, trunk_path, lr: float, beta1: float) -> None:
+        """The model with its starting lin weights (from ``init``), the ranking head and Adam."""
+        self.model = _build_model(net, version, init, pnet_rand, self.pnet_tune, dropout, trunk_path, self.dev)
+        self.head = Dist2LogitLayer().to(self.dev)
+        self.optimizer = make_optimizer(self.model, self.head, lr, beta1)
+
+    def resume_from(self, checkpoint) -> int:
+        """Load ``checkpoint`` (weights, Adam moments, random state, history); returns the next epoch."""
+        meta = _load_checkpoint(checkpoint, self.model, self.head, self.optimizer, self.pnet_tune, self.config)
+        self.history = meta["history"]
+        self.say(f"resuming from {checkpoint} after epoch {meta['epoch']}")
+        return meta["epoch"] + 1
+
+    def cache_features(self, dropout: bool) -> None:
+        """Run the frozen trunk once over the whole set and keep what the steps need."""
+        t0 = time.perf_counter()
+        self.model.eval()
+        self.store = _FeatureStore(self.model, self.data, self.batch_size, self.workers, self.dev, self.progress,
+                                   diffs=dropout, amp=self.amp)
+        self.say(f"trunk features of {3 * len(self.data)} images cached ({self.store.nbytes() / 2**20:.1f} MiB) "
+                 f"in {time.perf_counter() - t0:.1f} s")
+
+    def run_epoch(self, epoch: int, lr: float) -> dict:
+        """One pass over the set at rate ``lr``; returns the epoch's history row."""
+        t0 = time.perf_counter()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        losses, accs, counts = [], [], []
+        with _bar(len(self.data), f"epoch {epoch}/{self.total}", self.progress) as bar:
+            for rows, sides in self._epoch_batches(epoch):
+                r = self._step(rows, sides)
+                losses.append(r["loss"])
+                accs.append(r["acc"])
+                counts.append(len(rows))
+                bar.update(len(rows))
+        w = np.asarray(counts, dtype=np.float64)
+        return {"epoch": epoch, "lr": lr, "loss": float(np.dot(losses, w) / w.sum()),
+                "acc": float(np.dot(accs, w) / w.sum()), "seconds": time.perf_counter() - t0}
+
+    def _epoch_batches(self, epoch: int):
+        """The epoch's batches, shuffled by ``(seed, epoch)``: from the feature cache, or streamed."""
+        order = torch.randperm(len(self.data),
+                               generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).numpy()
+        if self.store is not None:
+            return self.store.batches(order, self.batch_size)
+        return _streamed_batches(self.model, self.data, order, self.batch_size, self.workers, self.dev, self.amp)
+
+    def _step(self, rows, sides) -> dict:
+        """One optimisation step on a batch of cached or streamed features."""
+        judge = torch.as_tensor(self.data.judge[rows], device=self.dev)
+        if self.store is not None:
+            d0, d1 = self.store.distances(self.model, sides)
+            return ranking_step(self.model, self.head, self.optimizer, d0, d1, judge)
+        return train_step(self.model, self.head, self.optimizer, *sides, judge)
+
+    def end_epoch(self, row: dict, checkpoint, on_epoch_end: Callable[[int, dict], None] | None) -> None:
+        """Record and log ``row``, write the checkpoint, then call ``on_epoch_end``."""
+        epoch = row["epoch"]
+        self.history.append(row)
+        self.say(f"epoch {epoch}/{self.total}: loss {row['loss']:.4f}, train agreement {row['acc']:.4f}, "
+                 f"lr {row['lr']:.3g}, {row['seconds']:.2f} s")
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, self.model, self.head, self.optimizer, self.pnet_tune,
+                             {"config": self.config, "epoch": epoch, "history": self.history})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+
+    def train_score(self) -> float:
+        """Switch to eval mode and score the training set (from the feature cache when there is one)."""
+        self.model.eval()
+        if self.store is not None:
+            with torch.no_grad():
+                d0, d1 = (d.flatten().cpu().numpy() for d in self.store.distances(self.model, self.store.sides))
+            return float(np.mean(twoafc_agreement(d0, d1, self.data.judge)))
+        return self.score(self.data.roots)
+
+    def score(self, dirs) -> float:
+        """2AFC score of the model on the folders ``dirs``."""
+        return score_2afc(self.model, dirs, load_size=self.load_size, batch_size=self.batch_size,
+                          workers=self.workers, device=self.dev, progress=self.progress)
+
+    def weights_metadata(self, train_2afc: float, val_dirs, val_2afc: float | None) -> dict:
+        """What is written with the weights: the training set, the run's settings, the 2AFC scores."""
+        from .. import __version__
+
+        c = self.config
+        metadata = {
+            "net": c["net"], "version": self.model.version, "train_datasets": list(self.data.roots),
+            "triplets": len(self.data), "epochs": c["epochs"], "decay_epochs": c["decay_epochs"],
+            "batch_size": c["batch_size"], "lr": c["lr"], "init": c["init"], "dropout": c["dropout"],
+            "pnet_tune": c["pnet_tune"], "seed": c["seed"], "final_2afc": train_2afc,
+            "lpips_fast_version": __version__,
+        }
+        if val_2afc is not None:
+            dirs = [val_dirs] if isinstance(val_dirs, (str, os.PathLike)) else val_dirs
+            metadata["val_datasets"] = [os.fspath(d) for d in dirs]
+            metadata["val_2afc"] = val_2afc
+        return metadata
+
+
+def _register_weights(name: str, path: str, net: str, version: str, metadata: dict) -> str:
+    """Store the written weights in the lin-set registry as ``name``; returns the registered spec."""
+    from ..registry import register as register_lin_set
+
+    note = json.dumps({k: metadata[k] for k in ("train_datasets", "triplets", "epochs", "decay_epochs", "final_2afc")})
+    return register_lin_set(name, path, net=net, version=version, note=note).spec
+
+
 def train(
     dirs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -382,17 +511,12 @@ def train(
     ``amp``: run the trunk under bf16 autocast (default: on CUDA; off on the CPU, where bf16
     convolutions are slower); the distance step and the lin weights stay fp32.
     """
-    from .. import __version__
-
-    _check_args(epochs, decay_epochs, batch_size, lr, beta1)
-    if register is not None and out is None:
-        raise ValueError(f"register: got {register!r} without out; the registry stores the written file, pass out=")
+    _check_args(epochs, decay_epochs, batch_size, lr, beta1, register, out)
     data = open_2afc(dirs, load_size)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = dev.type == "cuda" if amp is None else bool(amp)
     if checkpoint is None and out is not None:
         checkpoint = os.fspath(out) + ".ckpt"
-    say = log or (lambda m: None)
     config = _config(
         datasets=list(data.roots), triplets=len(data), net=net, version=version, epochs=epochs,
         decay_epochs=decay_epochs, batch_size=batch_size, lr=lr, beta1=beta1, init=os.fspath(init),
@@ -400,88 +524,23 @@ def train(
     )
     rates = learning_rates(float(lr), epochs, decay_epochs)
     total = epochs + decay_epochs
+    run = _TrainingRun(data, dev, amp=amp, total=total, batch_size=batch_size, workers=workers, load_size=load_size,
+                       seed=seed, pnet_tune=pnet_tune, config=config, progress=progress, say=log or (lambda m: None))
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = _build_model(net, version, init, pnet_rand, pnet_tune, dropout, trunk_path, dev)
-        head = Dist2LogitLayer().to(dev)
-        optimizer = make_optimizer(model, head, lr, beta1)
-        history: list[dict] = []
+        run.build(net, version, init, pnet_rand, dropout, trunk_path, lr, beta1)
         start = 1
         if checkpoint is not None and resume and os.path.exists(checkpoint):
-            meta = _load_checkpoint(checkpoint, model, head, optimizer, pnet_tune, config)
-            history = meta["history"]
-            start = meta["epoch"] + 1
-            say(f"resuming from {checkpoint} after epoch {meta['epoch']}")
-
-        store = None
+            start = run.resume_from(checkpoint)
         if cache_features and not pnet_tune and start <= total:
-            t0 = time.perf_counter()
-            model.eval()
-            store = _FeatureStore(model, data, batch_size, workers, dev, progress, diffs=dropout, amp=amp)
-            say(f"trunk features of {3 * len(data)} images cached ({store.nbytes() / 2**20:.1f} MiB) "
-                f"in {time.perf_counter() - t0:.1f} s")
-
+            run.cache_features(dropout)
         for epoch in range(start, total + 1):
-            t0 = time.perf_counter()
-            for g in optimizer.param_groups:
-                g["lr"] = rates[epoch - 1]
-            model.train()
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
-            batches = (store.batches(order, batch_size) if store is not None
-                       else _streamed_batches(model, data, order, batch_size, workers, dev, amp))
-            losses, accs, counts = [], [], []
-            with _bar(len(data), f"epoch {epoch}/{total}", progress) as bar:
-                for rows, sides in batches:
-                    judge = torch.as_tensor(data.judge[rows], device=dev)
-                    if store is not None:
-                        d0, d1 = store.distances(model, sides)
-                        r = ranking_step(model, head, optimizer, d0, d1, judge)
-                    else:
-                        r = train_step(model, head, optimizer, *sides, judge)
-                    losses.append(r["loss"])
-                    accs.append(r["acc"])
-                    counts.append(len(rows))
-                    bar.update(len(rows))
-            w = np.asarray(counts, dtype=np.float64)
-            row = {"epoch": epoch, "lr": rates[epoch - 1], "loss": float(np.dot(losses, w) / w.sum()),
-                   "acc": float(np.dot(accs, w) / w.sum()), "seconds": time.perf_counter() - t0}
-            history.append(row)
-            say(f"epoch {epoch}/{total}: loss {row['loss']:.4f}, train agreement {row['acc']:.4f}, "
-                f"lr {row['lr']:.3g}, {row['seconds']:.2f} s")
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, model, head, optimizer, pnet_tune,
-                                 {"config": config, "epoch": epoch, "history": history})
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
-
-        model.eval()
-        if store is not None:
-            with torch.no_grad():
-                d0, d1 = (d.flatten().cpu().numpy() for d in store.distances(model, store.sides))
-            train_2afc = float(np.mean(twoafc_agreement(d0, d1, data.judge)))
-        else:
-            train_2afc = score_2afc(model, data.roots, load_size=load_size, batch_size=batch_size,
-                                    workers=workers, device=dev, progress=progress)
-    val_2afc = None
-    if val_dirs is not None:
-        val_2afc = score_2afc(model, val_dirs, load_size=load_size, batch_size=batch_size, workers=workers,
-                              device=dev, progress=progress)
-    metadata = {
-        "net": net, "version": model.version, "train_datasets": list(data.roots), "triplets": len(data),
-        "epochs": epochs, "decay_epochs": decay_epochs, "batch_size": batch_size, "lr": lr, "init": os.fspath(init),
-        "dropout": dropout, "pnet_tune": pnet_tune, "seed": seed, "final_2afc": train_2afc,
-        "lpips_fast_version": __version__,
-    }
-    if val_2afc is not None:
-        metadata["val_datasets"] = [os.fspath(d) for d in ([val_dirs] if isinstance(val_dirs, (str, os.PathLike)) else val_dirs)]
-        metadata["val_2afc"] = val_2afc
-    path = save_weights(out, model, metadata, include_trunk=pnet_tune) if out is not None else None
-    registered = None
-    if register is not None:
-        from ..registry import register as register_lin_set
-
-        note = json.dumps({k: metadata[k] for k in ("train_datasets", "triplets", "epochs", "decay_epochs", "final_2afc")})
-        registered = register_lin_set(register, path, net=net, version=model.version, note=note).spec
-    return TrainResult(model=model, head=head, history=history, train_2afc=train_2afc, val_2afc=val_2afc,
+            run.end_epoch(run.run_epoch(epoch, rates[epoch - 1]), checkpoint, on_epoch_end)
+        train_2afc = run.train_score()
+    val_2afc = run.score(val_dirs) if val_dirs is not None else None
+    metadata = run.weights_metadata(train_2afc, val_dirs, val_2afc)
+    path = save_weights(out, run.model, metadata, include_trunk=pnet_tune) if out is not None else None
+    registered = _register_weights(register, path, net, run.model.version, metadata) if register is not None else None
+    return TrainResult(model=run.model, head=run.head, history=run.history, train_2afc=train_2afc, val_2afc=val_2afc,
                        out=path, metadata=metadata, registered=registered)
