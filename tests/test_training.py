@@ -256,3 +256,32 @@ def test_autocast_trunk_trains_close_to_fp32(hard_set):
         a = amp.model.lins[k].weight.detach()
         b = fp32.model.lins[k].weight.detach()
         assert torch.allclose(a, b, rtol=0.05, atol=0.02 * float(b.abs().max())), k
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_feature_cache_on_disk_trains_the_same_weights(hard_set, tmp_path, monkeypatch, dropout):
+    """No room in memory: the cache goes to memory-mapped scratch files, removed afterwards; same weights bitwise."""
+    from lpips_fast.training import trainer
+
+    kw = dict(epochs=1, decay_epochs=1, batch_size=32, lr=1e-3, init="uniform", seed=1, dropout=dropout)
+    in_memory = train(hard_set, **kw)
+    said: list[str] = []
+    monkeypatch.setattr(trainer, "free_memory", lambda device: 0)
+    on_disk = train(hard_set, feature_dir=tmp_path / "scratch", log=said.append, **kw)
+    assert any("files under" in m and str(tmp_path / "scratch") in m for m in said), said
+    for a, b in zip(in_memory.model.lin_weights(), on_disk.model.lin_weights()):
+        assert torch.equal(a, b)
+    assert in_memory.train_2afc == on_disk.train_2afc
+    assert [h["loss"] for h in in_memory.history] == [h["loss"] for h in on_disk.history]
+    assert os.listdir(tmp_path / "scratch") == []  # scratch files removed
+
+
+def test_feature_cache_too_large_for_memory_and_disk_is_a_clear_error(hard_set, tmp_path, monkeypatch):
+    from lpips_fast.training import FeatureCacheTooLarge, trainer
+
+    monkeypatch.setattr(trainer, "free_memory", lambda device: 0)
+    monkeypatch.setattr(trainer, "free_disk", lambda path: 1 << 20)
+    with pytest.raises(FeatureCacheTooLarge, match=r"64 triplets need .* GiB.*--no-cache") as e:
+        train(hard_set, epochs=1, decay_epochs=0, feature_dir=tmp_path / "small", out=tmp_path / "w.safetensors")
+    assert "--feature-dir" in str(e.value)
+    assert not (tmp_path / "w.safetensors").exists() and os.listdir(tmp_path / "small") == []

@@ -80,3 +80,15 @@ def test_errors_are_one_line_with_status_2(folders, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_train_feature_cache_without_room_is_one_line_exit_2(folders, tmp_path, monkeypatch, capsys):
+    from lpips_fast.training import trainer
+
+    monkeypatch.setattr(trainer, "free_memory", lambda device: 0)
+    monkeypatch.setattr(trainer, "free_disk", lambda path: 0)
+    rc = main(["train", str(folders / "a"), "--epochs", "1", "--decay-epochs", "0", "--out",
+               str(tmp_path / "w.safetensors"), "--feature-dir", str(tmp_path), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "feature cache" in err[-1] and "--no-cache" in err[-1], err
+    assert not (tmp_path / "w.safetensors").exists()

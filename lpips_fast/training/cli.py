@@ -97,7 +97,8 @@ def _cmd_train(args) -> int:
         res = train(
             args.dirs, net=args.net, version=args.version, epochs=args.epochs, decay_epochs=args.decay_epochs,
             batch_size=args.batch_size, lr=args.lr, beta1=args.beta1, init=args.init, dropout=not args.no_dropout,
-            pnet_rand=args.pnet_rand, pnet_tune=args.pnet_tune, cache_features=not args.no_cache, out=args.out, amp=args.amp,
+            pnet_rand=args.pnet_rand, pnet_tune=args.pnet_tune, cache_features=not args.no_cache,
+            feature_dir=args.feature_dir, out=args.out, amp=args.amp,
             checkpoint=args.checkpoint, resume=not args.restart, val_dirs=args.val or None, seed=args.seed,
             load_size=args.load_size, workers=args.workers, device=args.device,
             progress=False if args.quiet else None, log=log, register=args.register,
@@ -183,6 +184,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--pnet-tune", action="store_true", help="train the trunk too (no feature cache)")
     p.add_argument("--pnet-rand", action="store_true", help="random trunk (from scratch)")
     p.add_argument("--no-cache", action="store_true", help="run the trunk every step instead of caching its features")
+    p.add_argument("--feature-dir", default=None, metavar="DIR",
+                   help="scratch folder for the feature cache when memory is short (default: under the cache root)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="trunk under bf16 autocast (default: on CUDA, off on the CPU)")
     p.add_argument("--val", nargs="+", default=None, metavar="DIR", help="2AFC folders scored after training")

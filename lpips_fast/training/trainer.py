@@ -55,7 +55,10 @@ from .bapps import BappsError, TwoAFCSet, iter_batches, open_2afc, to_input
 from .head import Dist2LogitLayer
 from .scores import score_2afc, twoafc_agreement
 
-__all__ = ["train", "TrainResult", "train_step", "ranking_step", "lin_distance", "unit_diff_sq", "make_optimizer", "learning_rates", "save_weights", "INIT_CHOICES", "UNIFORM_WEIGHT"]
+__all__ = [
+    "train", "TrainResult", "FeatureCacheTooLarge", "train_step", "ranking_step", "lin_distance", "unit_diff_sq",
+    "make_optimizer", "learning_rates", "save_weights", "free_memory", "INIT_CHOICES", "UNIFORM_WEIGHT",
+]
 
 INIT_CHOICES = ("random", "uniform", "packaged")
 UNIFORM_WEIGHT = 0.1
@@ -154,51 +157,154 @@ def learning_rates(lr: float, epochs: int, decay_epochs: int) -> list[float]:
 
 
 # -- features ----------------------------------------------------------------------------------
+MEMORY_SHARE = 0.7  # of the free memory (device, then host) a feature cache may take
+
+
+class FeatureCacheTooLarge(ValueError):
+    """The trunk-feature cache fits neither in memory nor on the disk; the message says how large
+    it is, what is free, and the ways out (``cache_features=False``/``--no-cache``, ``feature_dir``)."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: assume it fits
+
+
+def free_disk(path: str | os.PathLike) -> int:
+    """Bytes free on the file system holding ``path``."""
+    import shutil
+
+    return int(shutil.disk_usage(path).free)
+
+
 class _FeatureStore:
     """Per triplet, what the steps need from the frozen trunk, computed once.
 
     ``diffs=True`` (dropout on): the squared unit differences ref-p0 and ref-p1 per layer (the
     dropout masks apply to them); else the raw features of ref, p0 and p1 (the fused op
     normalises them itself and computes the weight gradient).
+
+    Where it lives (``where``): on ``device`` when it takes at most ``MEMORY_SHARE`` of the free
+    memory there; else in host memory (a CUDA device), each batch copied over; else in float32
+    ``.npy`` files memory-mapped under ``feature_dir`` (default: a folder under the cache root),
+    scratch files removed when the store is closed. The values are the same wherever they live.
     """
 
     def __init__(self, model, data: TwoAFCSet, batch_size: int, workers: int, device, progress, diffs: bool,
-                 amp: bool = False) -> None:
+                 amp: bool = False, feature_dir: str | os.PathLike | None = None) -> None:
         self.diffs = diffs
+        self.device = torch.device(device)
         self.sides: list[list[torch.Tensor]] | None = None
+        self.where = "device"
+        self.scratch: str | None = None
+        self._feature_dir = feature_dir
         shape = None
-        with torch.no_grad(), _bar(len(data), "trunk features", progress) as bar:
-            for rows, imgs in iter_batches(data, batch_size, workers=workers):
-                if shape is None:
-                    shape = imgs.shape[2:]
-                elif imgs.shape[2:] != shape:
-                    raise BappsError(
-                        f"training needs one image size after resizing, got {shape[1]}x{shape[0]} and "
-                        f"{imgs.shape[3]}x{imgs.shape[2]} (e.g. {data.p0[int(rows[0])]})"
-                    )
-                k, b = imgs.shape[:2]
-                with trunk_autocast(device, amp):
-                    feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
-                sides = [[f[s * b:(s + 1) * b].float() for f in feats] for s in range(k)]
-                if diffs:
-                    sides = [[unit_diff_sq(r, p) for r, p in zip(sides[0], sides[s])] for s in (1, 2)]
-                if self.sides is None:
-                    self.sides = [[torch.empty((len(data),) + tuple(t.shape[1:]), dtype=torch.float32, device=device)
-                                   for t in side] for side in sides]
-                idx = torch.as_tensor(rows, device=device)
-                for store_side, side in zip(self.sides, sides):
-                    for store, t in zip(store_side, side):
-                        store.index_copy_(0, idx, t.contiguous())
-                bar.update(len(rows))
+        try:
+            with torch.no_grad(), _bar(len(data), "trunk features", progress) as bar:
+                for rows, imgs in iter_batches(data, batch_size, workers=workers):
+                    if shape is None:
+                        shape = imgs.shape[2:]
+                    elif imgs.shape[2:] != shape:
+                        raise BappsError(
+                            f"training needs one image size after resizing, got {shape[1]}x{shape[0]} and "
+                            f"{imgs.shape[3]}x{imgs.shape[2]} (e.g. {data.p0[int(rows[0])]})"
+                        )
+                    k, b = imgs.shape[:2]
+                    with trunk_autocast(device, amp):
+                        feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+                    sides = [[f[s * b:(s + 1) * b].float() for f in feats] for s in range(k)]
+                    if diffs:
+                        sides = [[unit_diff_sq(r, p) for r, p in zip(sides[0], sides[s])] for s in (1, 2)]
+                    if self.sides is None:
+                        self.sides = self._allocate([[tuple(t.shape[1:]) for t in side] for side in sides], len(data))
+                    idx = torch.as_tensor(rows, device=self.sides[0][0].device)
+                    for store_side, side in zip(self.sides, sides):
+                        for store, t in zip(store_side, side):
+                            store.index_copy_(0, idx, t.contiguous().to(store.device))
+                    bar.update(len(rows))
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self, shapes: list[list[tuple]], rows: int) -> list[list[torch.Tensor]]:
+        need = rows * 4 * sum(math.prod(s) for side in shapes for s in side)
+        cpu = torch.device("cpu")
+        if need <= MEMORY_SHARE * free_memory(self.device):
+            self.where, at = "device", self.device
+        elif self.device.type != "cpu" and need <= MEMORY_SHARE * free_memory(cpu):
+            self.where, at = "host", cpu
+        else:
+            self.where = "disk"
+            return self._allocate_on_disk(shapes, rows, need)
+        return [[torch.empty((rows,) + s, dtype=torch.float32, device=at) for s in side] for side in shapes]
+
+    def _allocate_on_disk(self, shapes: list[list[tuple]], rows: int, need: int) -> list[list[torch.Tensor]]:
+        import tempfile
+
+        from ..paths import cache_root
+
+        parent = os.fspath(self._feature_dir) if self._feature_dir is not None else os.path.join(cache_root(), "train-features")
+        os.makedirs(parent, exist_ok=True)
+        free = free_disk(parent)
+        if need > 0.95 * free:
+            gib = 2**30
+            raise FeatureCacheTooLarge(
+                f"feature cache: {rows} triplets need {need / gib:.1f} GiB; free: {free_memory(self.device) / gib:.1f} GiB "
+                f"of {self.device} memory, {free_memory(torch.device('cpu')) / gib:.1f} GiB of host memory, "
+                f"{free / gib:.1f} GiB of disk at {parent} (expected room for it: pass a larger feature_dir / "
+                "--feature-dir, or cache_features=False / --no-cache to run the trunk every step)"
+            )
+        self.scratch = tempfile.mkdtemp(prefix="features-", dir=parent)
+        out = []
+        for i, side in enumerate(shapes):
+            out.append([])
+            for j, s in enumerate(side):
+                mm = np.lib.format.open_memmap(os.path.join(self.scratch, f"side{i}-layer{j}.npy"), mode="w+",
+                                               dtype=np.float32, shape=(rows,) + s)
+                out[-1].append(torch.from_numpy(mm))
+        return out
+
+    def close(self) -> None:
+        """Drop the features (and the scratch files of a store on disk)."""
+        self.sides = None
+        if self.scratch is not None:
+            import shutil
+
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for side in self.sides for t in side)
 
+    def rows(self, rows) -> list[list[torch.Tensor]]:
+        """The stored rows ``rows`` (indices or a slice), on the training device."""
+        if isinstance(rows, slice):
+            return [[t[rows].to(self.device) for t in side] for side in self.sides]
+        idx = torch.as_tensor(rows, device=self.sides[0][0].device)
+        return [[t.index_select(0, idx).to(self.device) for t in side] for side in self.sides]
+
     def batches(self, order: np.ndarray, batch_size: int):
         for lo in range(0, len(order), batch_size):
             rows = order[lo:lo + batch_size]
-            idx = torch.as_tensor(rows, device=self.sides[0][0].device)
-            yield rows, [[t.index_select(0, idx) for t in side] for side in self.sides]
+            yield rows, self.rows(rows)
+
+    def all_distances(self, model, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """``distances`` over every stored triplet, ``chunk`` rows at a time."""
+        n = self.sides[0][0].shape[0]
+        parts = [self.distances(model, self.rows(slice(lo, lo + chunk))) for lo in range(0, n, chunk)]
+        return torch.cat([p[0].flatten() for p in parts]), torch.cat([p[1].flatten() for p in parts])
 
     def distances(self, model, sides) -> tuple[torch.Tensor, torch.Tensor]:
         if self.diffs:
@@ -374,14 +480,19 @@ class _TrainingRun:
         self.say(f"resuming from {checkpoint} after epoch {meta['epoch']}")
         return meta["epoch"] + 1
 
-    def cache_features(self, dropout: bool) -> None:
+    def cache_features(self, dropout: bool, feature_dir: str | os.PathLike | None = None) -> None:
         """Run the frozen trunk once over the whole set and keep what the steps need."""
         t0 = time.perf_counter()
         self.model.eval()
         self.store = _FeatureStore(self.model, self.data, self.batch_size, self.workers, self.dev, self.progress,
-                                   diffs=dropout, amp=self.amp)
-        self.say(f"trunk features of {3 * len(self.data)} images cached ({self.store.nbytes() / 2**20:.1f} MiB) "
-                 f"in {time.perf_counter() - t0:.1f} s")
+                                   diffs=dropout, amp=self.amp, feature_dir=feature_dir)
+        where = {"device": f"{self.dev} memory", "host": "host memory", "disk": f"files under {self.store.scratch}"}
+        self.say(f"trunk features of {3 * len(self.data)} images cached ({self.store.nbytes() / 2**20:.1f} MiB, "
+                 f"{where[self.store.where]}) in {time.perf_counter() - t0:.1f} s")
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def run_epoch(self, epoch: int, lr: float) -> dict:
         """One pass over the set at rate ``lr``; returns the epoch's history row."""
@@ -434,7 +545,7 @@ class _TrainingRun:
         self.model.eval()
         if self.store is not None:
             with torch.no_grad():
-                d0, d1 = (d.flatten().cpu().numpy() for d in self.store.distances(self.model, self.store.sides))
+                d0, d1 = (d.cpu().numpy() for d in self.store.all_distances(self.model))
             return float(np.mean(twoafc_agreement(d0, d1, self.data.judge)))
         return self.score(self.data.roots)
 
@@ -486,6 +597,7 @@ def train(
     pnet_tune: bool = False,
     trunk_path: str | os.PathLike | None = None,
     cache_features: bool = True,
+    feature_dir: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = True,
@@ -510,6 +622,9 @@ def train(
     registry (``lpips_fast.registry``) as ``NAME@N``, loadable with ``LPIPS(lin=NAME)``.
     ``amp``: run the trunk under bf16 autocast (default: on CUDA; off on the CPU, where bf16
     convolutions are slower); the distance step and the lin weights stay fp32.
+    ``cache_features``: keep the frozen trunk's features for every epoch, in device memory, else
+    host memory, else memory-mapped scratch files under ``feature_dir`` (default: under the cache
+    root), whichever has room (``FeatureCacheTooLarge`` when none has, before training starts).
     """
     _check_args(epochs, decay_epochs, batch_size, lr, beta1, register, out)
     data = open_2afc(dirs, load_size)
@@ -527,14 +642,14 @@ def train(
     run = _TrainingRun(data, dev, amp=amp, total=total, batch_size=batch_size, workers=workers, load_size=load_size,
                        seed=seed, pnet_tune=pnet_tune, config=config, progress=progress, say=log or (lambda m: None))
 
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), contextlib.closing(run):
         torch.manual_seed(seed)
         run.build(net, version, init, pnet_rand, dropout, trunk_path, lr, beta1)
         start = 1
         if checkpoint is not None and resume and os.path.exists(checkpoint):
             start = run.resume_from(checkpoint)
         if cache_features and not pnet_tune and start <= total:
-            run.cache_features(dropout)
+            run.cache_features(dropout, feature_dir)
         for epoch in range(start, total + 1):
             run.end_epoch(run.run_epoch(epoch, rates[epoch - 1]), checkpoint, on_epoch_end)
         train_2afc = run.train_score()
