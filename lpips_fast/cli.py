@@ -98,7 +98,7 @@ def _common_parser() -> argparse.ArgumentParser:
                    help="also write the run's counters as JSON (rows, errors, speed, batch sizes, out-of-memory retries, cache hits)")
     for name in ("level", "format"):
         add_flag(g, "log", name)
-    p.set_defaults(settings_sections=("model", "eval", "log"))
+    p.set_defaults(uses_settings=True)
     return p
 
 
@@ -217,22 +217,34 @@ def _options(args, command: str, **extra):
     from .options import EvalOptions
 
     opts = EvalOptions.from_settings(args.settings, distributed=True, extra=extra)
-    return _named(opts.validate)  # fail before any work, naming the command-line option
+    return _named(args, opts.validate)  # fail before any work, naming the command-line option
 
 
-def _named(fn):
-    """Run ``fn``; re-raise an OptionError with the command-line spelling of the option."""
+# EvalOptions' option names -> (settings key, command-line flag)
+_OPTION_KEYS = {
+    "cache_max_bytes": ("eval.cache_max_size", "--cache-max-size"), "state_dict": ("model.state_dict", "--state-dict"),
+    "max_pixels": ("eval.max_pixels", "--max-pixels"), "batch_size": ("eval.batch_size", "--batch-size"),
+    "resize": ("eval.resize", "--resize"), "device": ("eval.device", "--device"), "dtype": ("model.dtype", "--dtype"),
+    "cache": ("eval.cache", "--cache"), "trunk": ("model.trunk", "--trunk"), "lin": ("model.lin", "--lin"),
+    "net": ("model.net", "--net"), "version": ("model.version", "--version"),
+}
+
+
+def _named(args, fn):
+    """Run ``fn``; re-raise an OptionError naming the option as the user gave it: its flag, or its
+    settings key and where the value came from (``eval.device from env LPIPS_FAST_EVAL_DEVICE``)."""
     from .errors import OptionError
 
     try:
         return fn()
     except OptionError as e:
         msg = str(e)
-        for api, flag in (("cache_max_bytes", "--cache-max-size"), ("state_dict", "--state-dict"), ("max_pixels", "--max-pixels"),
-                          ("batch_size", "--batch-size"), ("resize", "--resize"), ("device", "--device"), ("dtype", "--dtype"),
-                          ("cache", "--cache"), ("trunk", "--trunk"), ("lin", "--lin"), ("net", "--net"), ("version", "--version")):
+        settings = getattr(args, "settings", None)
+        for api, (key, flag) in _OPTION_KEYS.items():
             if msg.startswith(api + ":") or msg.startswith(api + " "):
-                msg = flag + msg[len(api):]
+                source = settings.source(key) if settings is not None else f"flag {flag}"
+                name = flag if source == f"flag {flag}" else f"{key} (from {source})"
+                msg = name + msg[len(api):]
                 break
         raise OptionError(msg) from None
 
@@ -264,10 +276,10 @@ def _score(args, command: str, specs, *, ref_file: str | None = None, engine_aut
     if not engine_auto and args.settings["eval.engine"] == "auto":
         opts = opts.replace(engine=False)  # one pair: capturing CUDA graphs would cost more than it saves
     out = _output(args, opts, command)
-    _named(lambda: out.check(spec_files(specs, ref_file)))
-    ctx, device = _named(lambda: start(opts))
+    _named(args, lambda: out.check(spec_files(specs, ref_file)))
+    ctx, device = _named(args, lambda: start(opts))
     try:
-        src = _named(lambda: FeatureSource.from_options(opts, device))
+        src = _named(args, lambda: FeatureSource.from_options(opts, device))
         res = run_to_output(specs, src, ctx, out, ref_file=ref_file, show_progress=show_progress(args.quiet, ctx.is_main),
                             keep_rows=command == "pair")
         return res if ctx.is_main else None
@@ -330,7 +342,7 @@ def _check_metrics_path(args, inputs=()) -> None:
     if getattr(args, "metrics_json", None):
         from .writers import check_new_file
 
-        _named(lambda: check_new_file(args.metrics_json, "--metrics-json", inputs=inputs))
+        _named(args, lambda: check_new_file(args.metrics_json, "--metrics-json", inputs=inputs))
 
 
 def _write_metrics(args, res) -> None:
@@ -349,7 +361,7 @@ def cmd_pair(args) -> int:
     specs = pair_specs([(args.path0, args.path1)])
     if args.resume and args.output not in (None, "-") and os.path.exists(args.output):
         opts = _options(args, "pair")
-        _named(lambda: _output(args, opts, "pair").check([args.path0, args.path1]))
+        _named(args, lambda: _output(args, opts, "pair").check([args.path0, args.path1]))
         done = {r.key: r for r in read_existing(args.output, _output(args, opts, "pair").fmt).rows}
         row = done.get((args.path0, args.path1))
         if row is not None and not (row.error is not None and args.retry_errors):
@@ -384,14 +396,14 @@ def cmd_allpairs(args) -> int:
         raise UsageError("--matrix needs all pairs (drop --pairs)")
     opts = _options(args, "allpairs", pairs=args.pairs, pair_seed=args.seed if args.pairs is not None else None)
     out = _output(args, opts, "allpairs", stdout_rows=False)
-    _named(lambda: out.check(files))
+    _named(args, lambda: out.check(files))
     _check_metrics_path(args, files)
     if args.matrix:
         check_new_file(args.matrix, "--matrix", inputs=files)
         check_new_file(os.path.splitext(args.matrix)[0] + ".paths.txt", "--matrix", inputs=files)
-    ctx, device = _named(lambda: start(opts))
+    ctx, device = _named(args, lambda: start(opts))
     try:
-        src = _named(lambda: FeatureSource.from_options(opts, device))
+        src = _named(args, lambda: FeatureSource.from_options(opts, device))
         res = evaluate_all_pairs(args.dir, src, ctx, out, pairs=args.pairs, seed=args.seed, matrix=args.matrix,
                                  listing=(rels, files), show_progress=show_progress(args.quiet, ctx.is_main))
     finally:
@@ -422,11 +434,11 @@ def cmd_map(args) -> int:
     if args.npy:
         check_new_file(args.npy, "--npy", inputs=[args.path0, args.path1])
     opts = _options(args, "map")
-    ctx, device = _named(lambda: start(opts))
+    ctx, device = _named(args, lambda: start(opts))
     try:
         if not ctx.is_main:
             return EXIT_OK
-        hm = heat_map(_named(lambda: FeatureSource.from_options(opts, device)), args.path0, args.path1, vmax=args.vmax)
+        hm = heat_map(_named(args, lambda: FeatureSource.from_options(opts, device)), args.path0, args.path1, vmax=args.vmax)
     finally:
         ctx.close()
     if hm.error is not None:
@@ -455,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     from .writers import OutputWriteError
 
     try:
-        if getattr(args, "settings_sections", None):
+        if getattr(args, "uses_settings", False):
             _apply_settings(args)
         return int(args.func(args) or 0)
     except (UsageError, OptionError, SettingsError) as e:

@@ -14,7 +14,8 @@ class OptionError(ValueError):
 
 
 # (kind, what the message says) in the order tried; the messages are written by data.decode_file /
-# decode_bytes, evaluate (pairs, sizes), features (trunk minimum) and diversity (most common size).
+# decode_bytes, evaluate (pairs, sizes), features (trunk minimum, out of memory at a batch of one,
+# internal errors) and diversity (most common size).
 ROW_ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("missing", r"\bmissing file\b|\bmissing in DIR[01]\b"),
     ("not_regular_file", r"\bnot a regular file\b"),
@@ -25,6 +26,8 @@ ROW_ERROR_KINDS: tuple[tuple[str, str], ...] = (
     ("decode_error", r"\bdecode error\b"),
     ("size_mismatch", r"\bsize mismatch\b|\bdiffers from the most common size\b"),
     ("too_small", r"\bsmaller than the \w+ trunk's minimum\b"),
+    ("out_of_memory", r"\bout of memory\b"),
+    ("internal", r"^internal error:|: internal error:"),
 )
 _KIND_RES = tuple((kind, re.compile(rx)) for kind, rx in ROW_ERROR_KINDS)
 

@@ -93,21 +93,19 @@ def _corrupt_index(e: BaseException) -> bool:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """``"10G"``, ``"500M"``, ``"123456"`` -> bytes; ValueError unless a positive finite size."""
+    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.settings.parse_size``);
+    ValueError unless a positive finite size."""
+    from .settings import parse_size as parse_bytes
+
     if text is None:
         return None
-    if isinstance(text, int):
-        value = float(text)
-    else:
-        t = text.strip().upper().removesuffix("B").removesuffix("I")
-        mult = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-        scale = 1
-        if t and t[-1] in mult:
-            t, scale = t[:-1], mult[t[-1]]
-        value = float(t) * scale
-    if not math.isfinite(value) or value < 1:
+    try:
+        value = parse_bytes(text)
+    except ValueError:
+        value = 0
+    if value < 1:
         raise ValueError(f"size: got {text!r}, expected a positive finite size such as 10G or 500M")
-    return int(value)
+    return value
 
 
 def model_fingerprint(model) -> str:

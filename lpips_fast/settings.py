@@ -56,17 +56,27 @@ class SettingsError(ValueError):
     """A bad or unknown setting; the message names the key, its source and what is allowed."""
 
 
-def parse_size(text: str | int) -> int:
-    """``'32M'``, ``'1G'``, ``'500k'``, ``'1048576'`` -> bytes (powers of 1024)."""
+def parse_size(text: str | int | float) -> int:
+    """``'32M'``, ``'1G'``, ``'0.5G'``, ``'1e9'``, ``'500k'``, ``'1048576'`` -> bytes (powers of 1024;
+    an optional ``B``/``iB`` after the unit). ValueError unless a finite number; the sign is kept
+    (callers check the range)."""
     if isinstance(text, bool):
         raise ValueError(text)
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
-    if not m:
+    if isinstance(text, float):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+\-]+?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+        if not m:
+            raise ValueError(text)
+        try:
+            value = float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+        except ValueError:
+            raise ValueError(text) from None
+    if not math.isfinite(value):
         raise ValueError(text)
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+    return int(value)
 
 
 def size_text(n: int) -> str:
@@ -78,6 +88,8 @@ def size_text(n: int) -> str:
 
 
 _TRUE = {"1", "true", "yes", "on"}
+# A registered lin set (``lpips_fast.registry``): NAME or NAME@N, and not a weights file name.
+_REGISTERED_NAME = re.compile(r"(?![^@]*\.(?:safetensors|pth|pt|bin|ckpt)(?:@|$))[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:@\d+)?")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -140,7 +152,8 @@ class Setting:
                 self.check(v)
             except ValueError as e:
                 shown = "<secret>" if self.secret else repr(value)
-                why = "" if self.expected else f" ({' '.join(str(e).split())})"
+                reason = " ".join(str(e).split())
+                why = "" if not reason or reason.startswith("expected") else f" ({reason})"
                 raise SettingsError(f"{key}: got {shown} from {source}, expected {self.allowed()}{why}") from None
         return v
 
@@ -196,7 +209,7 @@ class Setting:
             if t == "path":
                 p = Path(os.path.expanduser(v))
                 if base is not None and not p.is_absolute():
-                    if self.names and not (base / p).exists() and "/" not in v and os.sep not in v:
+                    if self.names and not (base / p).exists() and _REGISTERED_NAME.fullmatch(v):
                         return v  # a registered name, not a file next to the config file
                     p = base / p
                 return str(p)
@@ -295,10 +308,14 @@ for _name, _s in {
 }.items():
     define("model", _name, _s)
 
+
 def _check_resize(value: str) -> None:
     from .data import parse_resize
 
-    parse_resize(value)
+    try:
+        parse_resize(value)
+    except ValueError as e:  # "resize: got X, <reason>" -> the reason
+        raise ValueError(str(e).split(", ", 1)[-1]) from None
 
 
 for _name, _s in {
@@ -438,13 +455,22 @@ class Settings:
         return out
 
 
+_OUR_TABLE = re.compile(r"""tool\s*\.\s*["']?lpips-fast\b""")
+
+
 def find_config_file(start: str | os.PathLike | None = None) -> tuple[Path, bool] | None:
-    """The first ``pyproject.toml`` from ``start`` upward: ``(path, True)``; None if there is none."""
+    """The first ``pyproject.toml`` from ``start`` upward: ``(path, True)``; None if there is none,
+    or if it has no ``[tool.lpips-fast]`` table (then it is not even parsed: a project's own
+    pyproject.toml never stops lpips-fast, and Python 3.10 needs no TOML reader for it)."""
     d = Path(start or os.getcwd()).resolve()
     for p in (d, *d.parents):
         f = p / "pyproject.toml"
         if f.is_file():
-            return f, True
+            try:
+                text = f.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                return None
+            return (f, True) if _OUR_TABLE.search(text) else None
     return None
 
 

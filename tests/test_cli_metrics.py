@@ -67,6 +67,8 @@ def test_row_error_kind_names_every_message_the_dataset_layer_writes():
         ("size mismatch: 48x64 vs 40x64 (use --resize HxW)", "size_mismatch"),
         ("size 40x64 differs from the most common size 48x64 (use --resize HxW)", "size_mismatch"),
         ("path0: image of 16x16 is smaller than the alex trunk's minimum of 31x31 pixels (use --resize)", "too_small"),
+        ("out of memory even with a batch of 1 pair", "out_of_memory"),
+        ("internal error: RuntimeError: boom", "internal"),
         ("something new", "other"),
     ]:
         assert row_error_kind(message) == kind, message

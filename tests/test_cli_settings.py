@@ -173,3 +173,33 @@ def test_lin_in_a_file_is_a_path_beside_it_or_a_registered_name(tmp_path):
     with pytest.raises(SettingsError, match=r"eval.resize: got '0x5' from .*a.toml:2"):
         cfg.write_text('[eval]\nresize = "0x5"\n')
         load_settings(cfg, env={})
+
+
+def test_a_projects_own_pyproject_is_not_read(w, tmp_path, clean_env, monkeypatch):
+    """No [tool.lpips-fast] table: the file is not even parsed (broken TOML, or no TOML reader on 3.10)."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pyproject.toml").write_text('[project\nname = "broken"\n')
+    clean_env.chdir(proj)
+    monkeypatch.setitem(__import__("sys").modules, "tomllib", None)  # as on Python 3.10 without tomli
+    side, _ = _run(w, tmp_path, "--state-dict", w["sd"], *COMMON)
+    assert _recorded(side, "net") == "alex"
+
+
+def test_an_error_names_where_the_value_came_from(w, tmp_path, clean_env, capsys):
+    clean_env.setenv("LPIPS_FAST_MODEL_TRUNK", str(tmp_path / "nope.pth"))
+    line = _refused(capsys, ["dirs", w["d0"], w["d1"], *COMMON], clean_env)
+    assert "model.trunk (from env LPIPS_FAST_MODEL_TRUNK)" in line and "does not exist" in line, line
+    line = _refused(capsys, ["dirs", w["d0"], w["d1"], "--trunk", str(tmp_path / "nope.pth"), *COMMON], clean_env)
+    assert "error: --trunk: " in line and "from env" not in line, line
+    line = _refused(capsys, ["dirs", w["d0"], w["d1"], "--set", f"model.trunk={tmp_path / 'nope.pth'}", *COMMON],
+                    clean_env)
+    assert "model.trunk (from flag --set model.trunk)" in line, line
+
+
+def test_sizes_read_like_the_feature_cache_does(tmp_path):
+    for text, want in [("1e9", 10**9), (".5G", 1 << 29), ("10G", 10 << 30), ("32MiB", 32 << 20), ("4096", 4096)]:
+        assert load_settings(env={"LPIPS_FAST_EVAL_CACHE_MAX_SIZE": text}, start_dir=tmp_path)["eval.cache_max_size"] == want
+    for text in ("inf", "nan", "-5G", "0", "lots"):
+        with pytest.raises(SettingsError, match="eval.cache_max_size"):
+            load_settings(env={"LPIPS_FAST_EVAL_CACHE_MAX_SIZE": text}, start_dir=tmp_path)

@@ -277,11 +277,30 @@ def test_feature_cache_on_disk_trains_the_same_weights(hard_set, tmp_path, monke
 
 
 def test_feature_cache_too_large_for_memory_and_disk_is_a_clear_error(hard_set, tmp_path, monkeypatch):
-    from lpips_fast.training import FeatureCacheTooLarge, trainer
+    from lpips_fast.training import FeatureCacheError, trainer
 
     monkeypatch.setattr(trainer, "free_memory", lambda device: 0)
     monkeypatch.setattr(trainer, "free_disk", lambda path: 1 << 20)
-    with pytest.raises(FeatureCacheTooLarge, match=r"64 triplets need .* GiB.*--no-cache") as e:
+    with pytest.raises(FeatureCacheError, match=r"64 triplets need .* GiB.*--no-cache") as e:
         train(hard_set, epochs=1, decay_epochs=0, feature_dir=tmp_path / "small", out=tmp_path / "w.safetensors")
     assert "--feature-dir" in str(e.value)
     assert not (tmp_path / "w.safetensors").exists() and os.listdir(tmp_path / "small") == []
+
+
+def test_orphaned_scratch_folders_are_removed(tmp_path):
+    from lpips_fast.training import trainer
+
+    dead = tmp_path / "features-999999999-abc"  # no such process
+    mine = tmp_path / f"features-{os.getpid()}-xyz"
+    other = tmp_path / "notes"
+    for d in (dead, mine, other):
+        d.mkdir()
+    trainer._remove_orphaned_scratch(str(tmp_path))
+    assert not dead.exists() and mine.exists() and other.exists()
+
+
+def test_feature_dir_that_is_a_file_is_refused_before_work(hard_set, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=r"feature_dir: .* is not a directory"):
+        train(hard_set, epochs=1, decay_epochs=0, feature_dir=f)

@@ -2,8 +2,9 @@
 
 Both read the layered settings (``lpips_fast.settings``): defaults < TOML file (``--config``, or
 ``[tool.lpips-fast]`` in a pyproject.toml found upward) < ``LPIPS_FAST_*`` environment < flags.
-Every setting with a flag gets it here, on both commands; ``--set SECTION.KEY=VALUE`` sets any
-key. Exit status 2 for a bad setting (one line on stderr naming the key, its source and what is
+Every ``[model]``, ``[scorer]``, ``[serve]`` and ``[log]`` setting with a flag gets it here, on both
+commands; ``--set SECTION.KEY=VALUE`` sets any key (the ``[eval]`` keys of the dataset commands
+too: their flags ``--device`` and ``--max-pixels`` would clash with ``[scorer]``'s and ``[serve]``'s). Exit status 2 for a bad setting (one line on stderr naming the key, its source and what is
 allowed).
 """
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from .bapps import BappsError, JNDSet, TwoAFCSet, iter_batches, open_2afc, open_jnd, read_rgb, to_input
 from .head import BCERankingLoss, Dist2LogitLayer
 from .scores import jnd_map, score_2afc, score_jnd, score_table, twoafc_agreement, voc_ap
-from .trainer import FeatureCacheTooLarge, TrainResult, learning_rates, make_optimizer, save_weights, train, train_step
+from .trainer import FeatureCacheError, TrainResult, learning_rates, make_optimizer, save_weights, train, train_step
 
 __all__ = [
     "BappsError",
-    "FeatureCacheTooLarge",
+    "FeatureCacheError",
     "TwoAFCSet",
     "JNDSet",
     "open_2afc",

@@ -56,7 +56,7 @@ from .head import Dist2LogitLayer
 from .scores import score_2afc, twoafc_agreement
 
 __all__ = [
-    "train", "TrainResult", "FeatureCacheTooLarge", "train_step", "ranking_step", "lin_distance", "unit_diff_sq",
+    "train", "TrainResult", "FeatureCacheError", "train_step", "ranking_step", "lin_distance", "unit_diff_sq",
     "make_optimizer", "learning_rates", "save_weights", "free_memory", "INIT_CHOICES", "UNIFORM_WEIGHT",
 ]
 
@@ -160,9 +160,10 @@ def learning_rates(lr: float, epochs: int, decay_epochs: int) -> list[float]:
 MEMORY_SHARE = 0.7  # of the free memory (device, then host) a feature cache may take
 
 
-class FeatureCacheTooLarge(ValueError):
-    """The trunk-feature cache fits neither in memory nor on the disk; the message says how large
-    it is, what is free, and the ways out (``cache_features=False``/``--no-cache``, ``feature_dir``)."""
+class FeatureCacheError(ValueError):
+    """The trunk-feature cache has nowhere to go: it fits neither in memory nor on the disk, or its
+    scratch folder cannot be made. The message says how large it is, what is free, and the ways
+    out (``cache_features=False``/``--no-cache``, ``feature_dir``/``--feature-dir``)."""
 
 
 def free_memory(device: torch.device) -> int:
@@ -187,6 +188,25 @@ def free_disk(path: str | os.PathLike) -> int:
     import shutil
 
     return int(shutil.disk_usage(path).free)
+
+
+def _remove_orphaned_scratch(parent: str) -> None:
+    """Remove ``features-<pid>-*`` scratch folders under ``parent`` whose process is gone (killed)."""
+    import shutil
+
+    for name in os.listdir(parent):
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "features" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or someone else's): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 class _FeatureStore:
@@ -256,17 +276,28 @@ class _FeatureStore:
         from ..paths import cache_root
 
         parent = os.fspath(self._feature_dir) if self._feature_dir is not None else os.path.join(cache_root(), "train-features")
-        os.makedirs(parent, exist_ok=True)
-        free = free_disk(parent)
+        gib = 2**30
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _remove_orphaned_scratch(parent)
+            free = free_disk(parent)
+        except OSError as e:
+            raise FeatureCacheError(f"feature cache: cannot use {parent} for scratch files ({e.strerror or e}); "
+                                    "pass --feature-dir / feature_dir= naming a writable folder, or --no-cache") from None
         if need > 0.95 * free:
-            gib = 2**30
-            raise FeatureCacheTooLarge(
-                f"feature cache: {rows} triplets need {need / gib:.1f} GiB; free: {free_memory(self.device) / gib:.1f} GiB "
-                f"of {self.device} memory, {free_memory(torch.device('cpu')) / gib:.1f} GiB of host memory, "
-                f"{free / gib:.1f} GiB of disk at {parent} (expected room for it: pass a larger feature_dir / "
-                "--feature-dir, or cache_features=False / --no-cache to run the trunk every step)"
+            memory = f"{free_memory(torch.device('cpu')) / gib:.1f} GiB of host memory"
+            if self.device.type != "cpu":
+                memory = f"{free_memory(self.device) / gib:.1f} GiB of {self.device} memory, " + memory
+            raise FeatureCacheError(
+                f"feature cache: {rows} triplets need {need / gib:.1f} GiB; free: {memory}, {free / gib:.1f} GiB of "
+                f"disk at {parent} (expected room for it: pass a larger feature_dir / --feature-dir, or "
+                "cache_features=False / --no-cache to run the trunk every step)"
             )
-        self.scratch = tempfile.mkdtemp(prefix="features-", dir=parent)
+        try:
+            self.scratch = tempfile.mkdtemp(prefix=f"features-{os.getpid()}-", dir=parent)
+        except OSError as e:
+            raise FeatureCacheError(f"feature cache: cannot create a scratch folder in {parent} ({e.strerror or e}); "
+                                    "pass --feature-dir / feature_dir= naming a writable folder, or --no-cache") from None
         out = []
         for i, side in enumerate(shapes):
             out.append([])
@@ -624,9 +655,13 @@ def train(
     convolutions are slower); the distance step and the lin weights stay fp32.
     ``cache_features``: keep the frozen trunk's features for every epoch, in device memory, else
     host memory, else memory-mapped scratch files under ``feature_dir`` (default: under the cache
-    root), whichever has room (``FeatureCacheTooLarge`` when none has, before training starts).
+    root), whichever has room (``FeatureCacheError`` when none has, before training starts).
     """
     _check_args(epochs, decay_epochs, batch_size, lr, beta1, register, out)
+    if feature_dir is not None:
+        from ..options import check_cache_dir
+
+        check_cache_dir(os.fspath(feature_dir), "feature_dir")  # a folder (or creatable) and writable
     data = open_2afc(dirs, load_size)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = dev.type == "cuda" if amp is None else bool(amp)
