@@ -162,6 +162,55 @@ def open_loop(submit, pairs, rate: float, warmup: float, duration: float, seed: 
     }
 
 
+def idle_latency(model, pair, device: str, max_delay_ms: float, reps: int = 15, rounds: int = 15) -> dict:
+    """One caller, one pair at a time, nothing else running: p50/p90 ms of the Engine called in this
+    thread, the Engine behind a plain worker thread (a queue hand-off), and ``Scorer.score`` with
+    ``max_delay_ms=0`` and with ``max_delay_ms`` (modes interleaved, ``rounds`` x ``reps`` calls each).
+    The differences are what the Scorer adds to a lone request."""
+    import queue
+
+    from lpips_fast import Engine
+
+    a, b = pair
+    A, B = a[None].to(device), b[None].to(device)
+    eng = Engine(model=model, device=device)
+    q_in: queue.Queue = queue.Queue()
+    q_out: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while (x := q_in.get()) is not None:
+            with torch.no_grad():
+                q_out.put(eng(*x))
+
+    th = threading.Thread(target=worker, daemon=True)
+    th.start()
+    s0 = Scorer(model=model, devices=[device], max_delay_ms=0)
+    sd = Scorer(model=model, devices=[device], max_delay_ms=max_delay_ms)
+    modes = {
+        "engine": lambda: eng(A, B),
+        "engine_worker_thread": lambda: (q_in.put((A, B)), q_out.get()),
+        "scorer_delay_0": lambda: s0.score(a, b),
+        f"scorer_delay_{max_delay_ms:g}": lambda: sd.score(a, b),
+    }
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    try:
+        for f in modes.values():
+            for _ in range(5):
+                f()
+        for _ in range(rounds):
+            for k, f in modes.items():
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+    finally:
+        s0.close()
+        sd.close()
+        q_in.put(None)
+        th.join()
+    return {k: {"p50_ms": 1000 * statistics.median(v), "p90_ms": 1000 * pct(v, 0.9)} for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     run(args, argv)
@@ -183,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--random-trunk", action="store_true", help="random trunk weights (no pretrained file needed)")
     p.add_argument("--open-loads", default="0.5,0.9",
                    help="open-loop offered loads as fractions of the direct threads' closed-loop pairs/s (empty: none)")
+    p.add_argument("--idle-only", action="store_true", help="only the idle single-request comparison (a few seconds)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_scorer-<device>-<date>.json)")
     return p
 
@@ -218,7 +268,11 @@ def run(args, argv=None) -> dict:
             ts.append(time.perf_counter() - t)
         return 1000 * statistics.median(ts)
 
+    idle = idle_latency(model, pairs[0], devices[0], args.max_delay_ms)
+    print("idle, one request at a time: " + ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in idle.items()), flush=True)
     rounds = []
+    if args.idle_only:
+        args.rounds = 0
     with Scorer(model=model, devices=devices, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms) as scorer:
         with torch.no_grad():
             worst = max(abs(scorer.score(a, b) - model(a[None], b[None]).item()) for a, b in pairs[:16])
@@ -263,18 +317,20 @@ def run(args, argv=None) -> dict:
                       f"{o['scorer']['p50_ms']:.1f} p99 {o['scorer']['p99_ms']:.1f} ms = {o['scorer_p99_over_single']:.1f}x "
                       f"single", flush=True)
 
-    med = {k: statistics.median(r[k] for r in rounds)
-           for k in ("throughput_ratio", "cpu_efficiency_ratio", "scorer_p99_over_single", "scorer_p99_over_direct_p99",
-                     "single_request_ms")}
-    for i, f in enumerate(float(x) for x in args.open_loads.split(",") if x.strip()):
-        med[f"open_loop_{f:g}_scorer_p99_over_single"] = statistics.median(r["open_loop"][i]["scorer_p99_over_single"] for r in rounds)
-        med[f"open_loop_{f:g}_direct_p99_over_single"] = statistics.median(r["open_loop"][i]["direct_p99_over_single"] for r in rounds)
-        print(f"median open loop at {f:.0%}: scorer p99 {med[f'open_loop_{f:g}_scorer_p99_over_single']:.1f}x single, "
-              f"direct p99 {med[f'open_loop_{f:g}_direct_p99_over_single']:.1f}x single", flush=True)
-    print(f"median of {len(rounds)} rounds: throughput x{med['throughput_ratio']:.2f} (target >= 3), "
-          f"x{med['cpu_efficiency_ratio']:.2f} pairs per CPU-second; scorer p99 = "
-          f"{med['scorer_p99_over_single']:.1f}x the single request (target < 4), "
-          f"{med['scorer_p99_over_direct_p99']:.2f}x the direct threads' p99", flush=True)
+    med: dict = {}
+    if rounds:
+        med = {k: statistics.median(r[k] for r in rounds)
+               for k in ("throughput_ratio", "cpu_efficiency_ratio", "scorer_p99_over_single", "scorer_p99_over_direct_p99",
+                         "single_request_ms")}
+        for i, f in enumerate(float(x) for x in args.open_loads.split(",") if x.strip()):
+            med[f"open_loop_{f:g}_scorer_p99_over_single"] = statistics.median(r["open_loop"][i]["scorer_p99_over_single"] for r in rounds)
+            med[f"open_loop_{f:g}_direct_p99_over_single"] = statistics.median(r["open_loop"][i]["direct_p99_over_single"] for r in rounds)
+            print(f"median open loop at {f:.0%}: scorer p99 {med[f'open_loop_{f:g}_scorer_p99_over_single']:.1f}x single, "
+                  f"direct p99 {med[f'open_loop_{f:g}_direct_p99_over_single']:.1f}x single", flush=True)
+        print(f"median of {len(rounds)} rounds: throughput x{med['throughput_ratio']:.2f} (target >= 3), "
+              f"x{med['cpu_efficiency_ratio']:.2f} pairs per CPU-second; scorer p99 = "
+              f"{med['scorer_p99_over_single']:.1f}x the single request (target < 4), "
+              f"{med['scorer_p99_over_direct_p99']:.2f}x the direct threads' p99", flush=True)
 
     now = dt.datetime.now(dt.timezone.utc)
     record = {
@@ -285,6 +341,7 @@ def run(args, argv=None) -> dict:
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "device": torch.cuda.get_device_name(dev0) if dev0.type == "cuda" else "cpu",
         "settings": vars(args) | {"devices": devices},
+        "idle_latency": idle,
         "rounds": rounds,
         "median": med,
         "targets": {"throughput_ratio_min": 3.0, "p99_over_single_max": 4.0},
