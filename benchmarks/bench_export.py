@@ -8,8 +8,10 @@ Providers (same random trunk and lin weights for all; timings do not depend on t
 ``reference`` (lpips 0.1.4), ``LPIPS`` (lpips_fast's module), ``onnxruntime`` (CPU provider, the
 graph of ``lpips_fast.export.onnx``: dynamic batch/H/W), ``aoti`` (``lpips_fast.export.aoti``:
 dynamic batch, the size fixed, Inductor freezing). Rounds are interleaved (each round runs every
-provider once) and the median per provider is reported, so machine load drifts hit all alike.
-``CPU ms`` is the process's CPU time per batch (all threads; spinning thread pools count), a
+provider once, the order rotated from round to round) and the median per provider is reported, so
+machine load drifts hit all alike. ONNX Runtime runs with thread spinning off
+(``session.intra_op.allow_spinning=0``): its spinning workers would otherwise keep the cores busy
+into the next provider's timing. ``CPU ms`` is the process's CPU time per batch (all threads), a
 second view when the machine is shared.
 """
 
@@ -66,6 +68,9 @@ def bench(nets, sizes, rounds: int, threads: int, tmp: str) -> list[dict]:
         onnx_path = export.onnx(ours, os.path.join(tmp, f"{net}.onnx"))
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
+        # ORT's worker threads otherwise spin after each run, taking the cores from whichever
+        # provider is timed next in the interleaved rounds (measured: the reference 2x slower).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         for px in sizes:
             n = BATCH.get(px, 8)
@@ -93,8 +98,9 @@ def bench(nets, sizes, rounds: int, threads: int, tmp: str) -> list[dict]:
                 for _ in range(2):
                     for fn in providers.values():
                         fn()
-                for _ in range(rounds):
-                    for k, fn in providers.items():
+                order = list(providers.items())
+                for r in range(rounds):
+                    for k, fn in order[r % len(order):] + order[:r % len(order)]:  # rotate who follows whom
                         c, t = time.process_time(), time.perf_counter()
                         fn()
                         times[k].append(time.perf_counter() - t)
