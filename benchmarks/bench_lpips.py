@@ -9,10 +9,10 @@ Providers:
 - ``engine`` (CPU) / ``engine_compiled``: ``lpips_fast.Engine`` on uint8 input (no graphs),
   compiled on CUDA (on the CPU ``engine`` is eager: see benchmarks/README.md), bf16 on CUDA;
 - ``engine_graphs`` (CUDA): the compiled Engine with CUDA graphs;
-- ``floor``: the trunk alone (in ``default_cl``'s format, the fastest measured), as many passes as
-  lpips-fast needs (one batched forward; for the loss one forward + backward for in0 and one
-  no-grad forward for in1): not an LPIPS result, so not checked; it is the bound the issue
-  measures against.
+- ``floor``: the trunk alone (``LPIPS.features``: input scaling and the trunk, in the memory format
+  the module itself picks), as many passes as lpips-fast needs (one batched forward; for the loss
+  one forward + backward for in0 and one no-grad forward for in1): not an LPIPS result, so not
+  checked; it is the bound the issue measures against.
 
 Modes: ``forward`` (no grad) and ``loss`` (in0 requires grad: forward + backward; peak memory on
 CUDA). Tolerances against the fp32 reference (TF32 off while checking): fp32 1e-5 absolute;
@@ -156,14 +156,12 @@ def _make_callable(provider: str, net: str, px: int, batch: int, mode: str, devi
 
             return loss_c, torch.float32
         if provider == "floor":
-            net_ = _model_cl(net, device).net  # the fastest trunk pass (its pre-hook sets the format)
-            x_pre, y_pre = ours.preprocess(xf), ours.preprocess(yf)
 
             def floor_loss():
-                xx = x_pre.clone().requires_grad_(True)
-                f = net_(xx)
+                xx = xf.clone().requires_grad_(True)
+                f = ours.features(xx)  # the module's own trunk pass, in its own memory format
                 with torch.no_grad():
-                    net_(y_pre)
+                    ours.features(yf)
                 torch.autograd.backward(f, [torch.ones_like(t) for t in f])
                 return None
 
@@ -193,10 +191,8 @@ def _make_callable(provider: str, net: str, px: int, batch: int, mode: str, devi
         e = _engine(net, device, lowp, True, True)
         return (lambda: e(x, y)), lowp
     if provider == "floor":
-        net_ = _model_cl(net, device).net  # the fastest trunk pass (its pre-hook sets the format)
-        both = ours.preprocess(torch.cat([xf, yf]))
-        both = _cl(both) if net != "vgg" or device == "cuda" else both
-        return (lambda: net_(both)), None
+        both = torch.cat([xf, yf])
+        return (lambda: ours.features(both)), None  # one batched trunk pass, the module's format
     return None
 
 
