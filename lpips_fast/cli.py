@@ -220,13 +220,11 @@ def _options(args, command: str, **extra):
     return _named(args, opts.validate)  # fail before any work, naming the command-line option
 
 
-# EvalOptions' option names -> (settings key, command-line flag)
+# EvalOptions' option names -> their settings keys (whose flags the dataset commands take)
 _OPTION_KEYS = {
-    "cache_max_bytes": ("eval.cache_max_size", "--cache-max-size"), "state_dict": ("model.state_dict", "--state-dict"),
-    "max_pixels": ("eval.max_pixels", "--max-pixels"), "batch_size": ("eval.batch_size", "--batch-size"),
-    "resize": ("eval.resize", "--resize"), "device": ("eval.device", "--device"), "dtype": ("model.dtype", "--dtype"),
-    "cache": ("eval.cache", "--cache"), "trunk": ("model.trunk", "--trunk"), "lin": ("model.lin", "--lin"),
-    "net": ("model.net", "--net"), "version": ("model.version", "--version"),
+    "cache_max_bytes": "eval.cache_max_size", "state_dict": "model.state_dict", "max_pixels": "eval.max_pixels",
+    "batch_size": "eval.batch_size", "resize": "eval.resize", "device": "eval.device", "dtype": "model.dtype",
+    "cache": "eval.cache", "trunk": "model.trunk", "lin": "model.lin", "net": "model.net", "version": "model.version",
 }
 
 
@@ -234,17 +232,19 @@ def _named(args, fn):
     """Run ``fn``; re-raise an OptionError naming the option as the user gave it: its flag, or its
     settings key and where the value came from (``eval.device from env LPIPS_FAST_EVAL_DEVICE``)."""
     from .errors import OptionError
+    from .settings import SCHEMA
 
     try:
         return fn()
     except OptionError as e:
         msg = str(e)
         settings = getattr(args, "settings", None)
-        for api, (key, flag) in _OPTION_KEYS.items():
+        for api, key in _OPTION_KEYS.items():
             if msg.startswith(api + ":") or msg.startswith(api + " "):
+                section, _, name = key.partition(".")
+                flag = SCHEMA[section][name].flag
                 source = settings.source(key) if settings is not None else f"flag {flag}"
-                name = flag if source == f"flag {flag}" else f"{key} (from {source})"
-                msg = name + msg[len(api):]
+                msg = (flag if source == f"flag {flag}" else f"{key} (from {source})") + msg[len(api):]
                 break
         raise OptionError(msg) from None
 

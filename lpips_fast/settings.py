@@ -88,9 +88,9 @@ def size_text(n: int) -> str:
 
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 # A registered lin set (``lpips_fast.registry``): NAME or NAME@N, and not a weights file name.
 _REGISTERED_NAME = re.compile(r"(?![^@]*\.(?:safetensors|pth|pt|bin|ckpt)(?:@|$))[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:@\d+)?")
-_FALSE = {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,21 @@ class Setting:
                 "weights": "a table name = number >= 0 (NAME=NUMBER,... in text)",
             }[t]
         return s + (" (or none)" if self.nullable else "")
+
+    def text(self, v: Any) -> str:
+        """A (non-None) value as a file or a flag would give it: sizes as ``10G``, lists and tables
+        comma-separated, booleans as true/false, floats without trailing zeros."""
+        if self.type == "size":
+            return size_text(v)
+        if self.type == "list":
+            return ",".join(v)
+        if self.type in ("map", "weights"):
+            return ",".join(f"{k}={x:g}" if isinstance(x, float) else f"{k}={x}" for k, x in v.items())
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return str(v)
 
     def parse(self, value: Any, key: str, source: str, base: Path | None = None) -> Any:
         """Check and convert ``value`` (text from env/flags, or a TOML value)."""
@@ -425,17 +440,9 @@ class Settings:
             return "(unset)" if v is None else "(set, hidden)"
         if v is None:
             return s.unset
-        if s.type == "size":
-            return size_text(v)
-        if s.type == "list":
-            return ",".join(v) if v else "(auto)" if key == "scorer.devices" else "(empty)"
-        if s.type in ("map", "weights"):
-            return ",".join(f"{k}={x:g}" if isinstance(x, float) else f"{k}={x}" for k, x in v.items()) or "(empty)"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, float):
-            return f"{v:g}"
-        return str(v)
+        if s.type in _MULTI and not v:
+            return "(auto)" if key == "scorer.devices" else "(empty)"
+        return s.text(v)
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(key, value text, source) for every key, schema order."""
@@ -648,18 +655,11 @@ def add_arguments(parser: Any, sections: Iterable[str], *, flags: bool = True) -
 
 
 def _default_text(s: Setting) -> str:
-    v = s.default
-    if v is None:
+    if s.default is None:
         return "unset by default"
-    if s.type == "size":
-        v = size_text(v)
-    elif isinstance(v, bool):
-        v = "true" if v else "false"
-    elif isinstance(v, (tuple, dict)):
-        if not v:
-            return "empty by default"
-        v = ",".join(v) if isinstance(v, tuple) else ",".join(f"{k}={x}" for k, x in v.items())
-    return f"default {v}"
+    if s.type in _MULTI and not s.default:
+        return "empty by default"
+    return f"default {s.text(s.default)}"
 
 
 def add_flag(parser: Any, section: str, name: str, *names: str, **overrides: Any) -> None:
