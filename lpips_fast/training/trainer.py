@@ -37,11 +37,12 @@ which for ``net='squeeze'`` includes the trunk's Fire-module convolutions (chang
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -185,15 +186,11 @@ def free_memory(device: torch.device) -> int:
 
 def free_disk(path: str | os.PathLike) -> int:
     """Bytes free on the file system holding ``path``."""
-    import shutil
-
     return int(shutil.disk_usage(path).free)
 
 
 def _remove_orphaned_scratch(parent: str) -> None:
     """Remove ``features-<pid>-*`` scratch folders under ``parent`` whose process is gone (killed)."""
-    import shutil
-
     for name in os.listdir(parent):
         parts = name.split("-")
         if len(parts) < 3 or parts[0] != "features" or not parts[1].isdigit():
@@ -207,6 +204,11 @@ def _remove_orphaned_scratch(parent: str) -> None:
         except PermissionError:
             continue
         shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _no_scratch(what: str, e: OSError) -> FeatureCacheError:
+    return FeatureCacheError(f"feature cache: {what} ({e.strerror or e}); "
+                             "pass --feature-dir / feature_dir= naming a writable folder, or --no-cache")
 
 
 class _FeatureStore:
@@ -241,10 +243,7 @@ class _FeatureStore:
                             f"training needs one image size after resizing, got {shape[1]}x{shape[0]} and "
                             f"{imgs.shape[3]}x{imgs.shape[2]} (e.g. {data.p0[int(rows[0])]})"
                         )
-                    k, b = imgs.shape[:2]
-                    with trunk_autocast(device, amp):
-                        feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
-                    sides = [[f[s * b:(s + 1) * b].float() for f in feats] for s in range(k)]
+                    sides = [[t.float() for t in side] for side in _trunk_sides(model, imgs, device, amp)]
                     if diffs:
                         sides = [[unit_diff_sq(r, p) for r, p in zip(sides[0], sides[s])] for s in (1, 2)]
                     if self.sides is None:
@@ -271,8 +270,6 @@ class _FeatureStore:
         return [[torch.empty((rows,) + s, dtype=torch.float32, device=at) for s in side] for side in shapes]
 
     def _allocate_on_disk(self, shapes: list[list[tuple]], rows: int, need: int) -> list[list[torch.Tensor]]:
-        import tempfile
-
         from ..paths import cache_root
 
         parent = os.fspath(self._feature_dir) if self._feature_dir is not None else os.path.join(cache_root(), "train-features")
@@ -282,8 +279,7 @@ class _FeatureStore:
             _remove_orphaned_scratch(parent)
             free = free_disk(parent)
         except OSError as e:
-            raise FeatureCacheError(f"feature cache: cannot use {parent} for scratch files ({e.strerror or e}); "
-                                    "pass --feature-dir / feature_dir= naming a writable folder, or --no-cache") from None
+            raise _no_scratch(f"cannot use {parent} for scratch files", e) from None
         if need > 0.95 * free:
             memory = f"{free_memory(torch.device('cpu')) / gib:.1f} GiB of host memory"
             if self.device.type != "cpu":
@@ -296,8 +292,7 @@ class _FeatureStore:
         try:
             self.scratch = tempfile.mkdtemp(prefix=f"features-{os.getpid()}-", dir=parent)
         except OSError as e:
-            raise FeatureCacheError(f"feature cache: cannot create a scratch folder in {parent} ({e.strerror or e}); "
-                                    "pass --feature-dir / feature_dir= naming a writable folder, or --no-cache") from None
+            raise _no_scratch(f"cannot create a scratch folder in {parent}", e) from None
         out = []
         for i, side in enumerate(shapes):
             out.append([])
@@ -311,8 +306,6 @@ class _FeatureStore:
         """Drop the features (and the scratch files of a store on disk)."""
         self.sides = None
         if self.scratch is not None:
-            import shutil
-
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
 
@@ -350,13 +343,19 @@ def trunk_autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
+def _trunk_sides(model, imgs: torch.Tensor, device, amp: bool) -> list[list[torch.Tensor]]:
+    """One trunk pass over a (k, B, H, W, 3) batch of k image sets (ref, p0, p1):
+    ``sides[s][layer]`` is set ``s``'s (B, C, h, w) features."""
+    k, b = imgs.shape[:2]
+    with trunk_autocast(device, amp):
+        feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
+    return [[f[s * b:(s + 1) * b] for f in feats] for s in range(k)]
+
+
 def _streamed_batches(model, data, order, batch_size, workers, device, amp: bool = False):
     """Decode and run the trunk per batch (trunk tuned, or no cache); gradients as the trunk needs."""
     for rows, imgs in iter_batches(data, batch_size, indices=order, workers=workers):
-        k, b = imgs.shape[:2]
-        with trunk_autocast(device, amp):
-            feats = model.features(to_input(imgs.reshape(k * b, *imgs.shape[2:])).to(device))
-        yield rows, [[f[s * b:(s + 1) * b] for f in feats] for s in range(k)]
+        yield rows, _trunk_sides(model, imgs, device, amp)
 
 
 def _bar(total: int, desc: str, progress: bool | None):
