@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import LPIPS
+from .model import LPIPS, identical_pairs
 from .ops import lpips_distance
 
 __all__ = [
@@ -73,7 +73,7 @@ class ExportableLPIPS(nn.Module):
                 d = F.interpolate(d, size=in0.shape[2:], mode="bilinear", align_corners=False)
             total = d if total is None else total + d
         # As LPIPS: bitwise-equal images score exactly 0 (whatever the rounding of their features).
-        same = (in0 == in1).flatten(1).all(dim=1)
+        same = identical_pairs(in0, in1)
         return torch.where(same.view(-1, *([1] * (total.dim() - 1))), torch.zeros_like(total), total)
 
 

@@ -182,11 +182,12 @@ def content_ids(keys: Sequence) -> torch.Tensor:
 
 
 def image_key(x: torch.Tensor | np.ndarray) -> str:
-    """A content hash of one image's values (bitwise-equal images, equal keys)."""
-    import hashlib
+    """A content hash of one image's values (bitwise-equal images, equal keys): the file digest
+    (``data.file_digest``) of its bytes, dtype and shape."""
+    from .data import file_digest
 
     a = x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
-    return hashlib.blake2b(a.tobytes() + str((a.dtype, a.shape)).encode(), digest_size=16).hexdigest()
+    return file_digest(a.tobytes() + str((a.dtype, a.shape)).encode())
 
 
 def weights_nonneg(weights) -> bool:

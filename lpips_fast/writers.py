@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, TextIO
 
+from .errors import OptionError, row_error_kind
+
 __all__ = [
     "Row", "COLUMNS", "RowWriter", "read_existing", "looks_like", "format_from_path", "Stats", "ExistingRows",
     "RunOutput", "settings_path", "check_new_file", "OutputWriteError",
@@ -78,8 +80,6 @@ class Stats:
     def add(self, row: Row) -> None:
         self.count += 1
         if row.error is not None or row.lpips is None:
-            from .errors import row_error_kind
-
             self.errors += 1
             kind = row_error_kind(row.error or "")
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
@@ -364,7 +364,6 @@ def settings_path(path: str) -> str:
 def check_new_file(path: str, option: str, inputs=()) -> None:
     """A file about to be written (``-o``, ``--matrix``...): its folder exists and is writable,
     it is not a folder or a device/FIFO, and not one of ``inputs``. Raises ``OptionError``."""
-    from .errors import OptionError
     from .paths import writable_dir
 
     if os.path.isdir(path):
@@ -424,8 +423,6 @@ class RunOutput:
         self.stdout_rows = stdout_rows  # without -o: rows on stdout (False: no rows at all)
 
     def check(self, inputs=()) -> None:
-        from .errors import OptionError
-
         p = self.path
         if self.resume and p is None:
             raise OptionError("--resume needs -o OUT (the file to complete)")
@@ -441,8 +438,6 @@ class RunOutput:
             self._check_settings()
 
     def _check_settings(self) -> None:
-        from .errors import OptionError
-
         sp = settings_path(self.path)
         if self.settings is None or self.force or not os.path.exists(sp):
             return
