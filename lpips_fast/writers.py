@@ -404,8 +404,8 @@ class RunOutput:
 
     ``check(inputs)`` runs before any work (on every torchrun rank): the file is writable, not a
     folder or a device, not one of ``inputs``; with ``resume`` it must be one of ours in ``fmt``
-    and, when its settings sidecar exists, have been written with the same ``settings``
-    (``force`` skips that comparison). ``open()`` (rank 0 only) returns the writer and the rows
+    and its settings sidecar must exist and record the same ``settings`` (``force`` skips that
+    check; a non-empty file without a sidecar is refused, since nothing proves its rows match). ``open()`` (rank 0 only) returns the writer and the rows
     already there; with ``retry_errors`` the previous error rows are removed from the file first,
     so their pairs are scored again.
     """
@@ -439,8 +439,15 @@ class RunOutput:
 
     def _check_settings(self) -> None:
         sp = settings_path(self.path)
-        if self.settings is None or self.force or not os.path.exists(sp):
+        if self.settings is None or self.force:
             return
+        if not os.path.exists(sp):
+            if not _may_hold_rows(self.path, self.fmt):
+                return  # nothing written past the header: no rows to mix with
+            raise OptionError(
+                f"--resume {self.option} {self.path}: no record of the settings that wrote it ({sp} is missing); "
+                "rerun without --resume, or add --force to continue it with these settings"
+            )
         try:
             with open(sp, encoding="utf-8") as f:
                 old = json.load(f)
@@ -478,6 +485,15 @@ class RunOutput:
         w.close()
         os.replace(tmp, self.path)
         return ExistingRows(keys={r.key for r in keep}, rows=keep, truncated_bytes=existing.truncated_bytes)
+
+
+def _may_hold_rows(path: str, fmt: str) -> bool:
+    """Whether ``path`` has a complete line past the CSV header (any complete line for JSON Lines);
+    files larger than the first 64 KiB read are taken to hold rows."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        more = bool(f.read(1))
+    return more or head.count(b"\n") > (1 if fmt == "csv" else 0)
 
 
 def _flag(key: str) -> str:

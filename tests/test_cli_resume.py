@@ -110,7 +110,8 @@ def test_resume_skips_done_pairs_jsonl(big, tmp_path, capsys):
         for n in names:
             f.write(json.dumps({"path0": big["ref_img"], "path1": n, "lpips": 9.0, "error": None}) + "\n")
         f.write('{"path0": "x"')  # killed mid-line
-    rc = cli.main(["ref", big["ref_img"], big["dir"], "-o", out, "--resume", "--state-dict", big["sd"], "--workers", "0", "--device", "cpu", "--batch-size", "64"])
+    # hand-written, so no settings record: --force says these rows are known to match
+    rc = cli.main(["ref", big["ref_img"], big["dir"], "-o", out, "--resume", "--force", "--state-dict", big["sd"], "--workers", "0", "--device", "cpu", "--batch-size", "64"])
     assert rc == 0
     rows = [json.loads(x) for x in open(out)]
     assert len(rows) == 240
@@ -213,6 +214,29 @@ def test_resume_refuses_an_output_written_with_other_settings(small, tmp_path, c
     assert open(out).read() == before  # nothing written
     if change[0] in ("--version", "--resize"):  # --force mixes them knowingly
         assert cli.main(argv + ["--force"]) == 0
+
+
+def test_resume_refuses_an_output_without_its_settings_record(small, tmp_path, capsys):
+    """An output copied without its sidecar (or written by an older version) could hold rows of any
+    trunk: --resume refuses it in one line; --force continues it; an empty file needs no record."""
+    out = str(tmp_path / "s.csv")
+    common = ["--state-dict", small["sd"], "--workers", "0", "--device", "cpu"]
+    assert cli.main(["dirs", small["d0"], small["d1"], "-o", out, *common, "--net", "alex"]) == 0
+    os.remove(out + ".lpips-run.json")
+    before = open(out).read()
+    capsys.readouterr()
+    argv = ["dirs", small["d0"], small["d1"], "-o", out, "--resume", *common, "--net", "vgg"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no record of the settings that wrote it" in err and "--force" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert open(out).read() == before and not os.path.exists(out + ".lpips-run.json")
+    assert cli.main(argv[:-2] + ["--net", "alex", "--force"]) == 0  # knowingly continued: the record is written
+    assert "resumed=3" in capsys.readouterr().out and os.path.exists(out + ".lpips-run.json")
+    empty = str(tmp_path / "empty.csv")
+    open(empty, "w").close()
+    assert cli.main(["dirs", small["d0"], small["d1"], "-o", empty, "--resume", *common]) == 0
+    assert len(_rows(empty)) == 3
 
 
 def test_resume_with_the_same_settings_is_accepted(small, tmp_path, capsys):
