@@ -114,6 +114,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not all(r["ok"] for r in rows):
         _err(f"check: FAILED, error above {export.CHECK_TOLERANCE} against lpips_fast.LPIPS")
         return EXIT_FAILURE
+    fixed = None
+    if args.format == "aoti" and not args.dynamic_hw:
+        fixed = args.size or (64, 64)
+    elif args.format == "onnx" and args.static:
+        fixed = (64, 64)
+    refusals = export.check_refusals(path, model, size=fixed)
+    for r in refusals:
+        verdict = "refused" if r["refused"] else f"FAILED, expected {'an error' if r['expected'] == 'error' else 'NaN'}"
+        print(f"check {r['case']}: {verdict} ({r['got']})")
+    if not all(r["refused"] for r in refusals):
+        _err("check: FAILED, the artifact answered an input it was not built for")
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -192,7 +204,7 @@ def add_commands(subparsers) -> None:
     o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     o.add_argument("--static", action="store_true", help="fixed shapes (the example's: batch 2, 64x64)")
     o.add_argument("--check", action="store_true",
-                   help="run onnxruntime (CPU) on photographs at three sizes; fail above 1e-5 vs LPIPS")
+                   help="run onnxruntime (CPU) on photographs at three sizes (fail above 1e-5 vs LPIPS) and on inputs it must refuse")
     o.set_defaults(func=_cmd_export)
 
     a = sub.add_parser("aoti", help="torch.export + AOTInductor package (.pt2), dynamic batch")
@@ -201,9 +213,11 @@ def add_commands(subparsers) -> None:
     a.add_argument("-o", "--output", required=True, metavar="OUT.pt2")
     a.add_argument("--size", type=_hw, default=None, metavar="HxW",
                    help="image size the package serves (default 64x64; any with --dynamic-hw)")
-    a.add_argument("--dynamic-hw", action="store_true", help="also dynamic height and width (slower compile)")
+    a.add_argument("--dynamic-hw", action="store_true",
+                   help="serve every height and width from the trunk's minimum (else only --size; other sizes raise)")
     a.add_argument("--check", action="store_true",
-                   help="load the package and compare with LPIPS on photographs; fail above 1e-5")
+                   help="load the package, compare with LPIPS on photographs (fail above 1e-5), and feed it "
+                        "inputs it must refuse (fail if one is answered)")
     a.set_defaults(func=_cmd_export)
 
     _add_compare(subparsers)

@@ -6,14 +6,23 @@
     aoti(LPIPS(net="alex"), "lpips_alex.pt2")      # dynamic batch; loads without lpips_fast
 
 Both graphs take two (N,3,H,W) float32 images in [-1, 1] and return (N,) distances, or the
-(N,1,H,W) map for a ``spatial`` model. The fused distance op is exported through its
+(N,1,H,W) map for a ``spatial`` model. Each refuses, with an error naming what it expected,
+the inputs it was not built for. The ``.pt2`` package checks inside its own graph (so also where
+lpips_fast is not installed): 3 channels, the height and width it serves (its one size, or at
+least the trunk's minimum with ``dynamic_hw``) and, for a model with ``nonfinite='raise'``, NaN
+or Inf. ONNX Runtime checks rank, dtype and the fixed channel count of an ONNX graph itself.
+Not checked in the ``.pt2`` graph: rank, dtype, device, and ``in1``'s shape (it is read with
+``in0``'s); AOTInductor's own input checks cover those when the process runs with
+``AOTI_RUNTIME_CHECK_INPUTS=1`` (torch 2.11 and 2.14 compile them into every package and run
+them only then). Value ranges are not checked, as ``LPIPS`` does not check them. The fused distance op is exported through its
 decomposition (the eager composite, ``lpips_distance(..., backend="torch")``): ONNX Runtime
 needs no custom operator and the ``.pt2`` package holds no ``lpips_fast::`` op, so it loads
 with ``torch._inductor.aoti_load_package`` (or libtorch's ``AOTIModelPackageLoader`` in C++)
 where this package is not installed.
 
 :func:`check_onnx` / :func:`check_aoti` score the photographs shipped under ``examples/`` at
-three sizes and two batch sizes against the eager ``LPIPS`` module (``--check`` on the CLI).
+three sizes and two batch sizes against the eager ``LPIPS`` module, and :func:`check_refusals`
+feeds an artifact inputs it must refuse (``--check`` on the CLI runs both).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ __all__ = [
     "check_onnx",
     "check_aoti",
     "check_images",
+    "check_refusals",
     "CHECK_SIZES",
     "CHECK_TOLERANCE",
 ]
@@ -47,25 +57,68 @@ _EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 class ExportableLPIPS(nn.Module):
-    """``LPIPS``'s inference forward written for tracing: preprocess, one batched trunk pass for
-    both images, then the distance step's eager composite per layer (no custom op); pairs of
-    bitwise-equal images are exactly 0, as in ``LPIPS``.
+    """``LPIPS``'s inference forward written for tracing: input checks, preprocess, one batched
+    trunk pass for both images, then the distance step's eager composite per layer (no custom
+    op); pairs of bitwise-equal images are exactly 0, as in ``LPIPS``.
 
     Shares the parameters of the given module (no copy). Inputs: two float (N,3,H,W) tensors in
     [-1, 1] of equal shape. Output: (N,) distances, or (N,1,H,W) when the module is spatial.
+
+    The checks are ``torch._assert_async`` nodes, so they stay in the traced graph and run in the
+    compiled artifact: ``size`` (H, W) the only size served, else at least ``min_size`` on both
+    sides; ``channel_slice``: the graph's channel dimension is symbolic (traced on a 4-channel
+    example) and the first 3 channels are used after a runtime check that there are exactly 3;
+    NaN/Inf refused when the model's ``nonfinite`` is ``'raise'``.
     """
 
-    def __init__(self, model: LPIPS) -> None:
+    def __init__(self, model: LPIPS, *, size: tuple[int, int] | None = None, min_size: int = 1,
+                 channel_slice: bool = False, pad_small: bool = False) -> None:
         super().__init__()
         if not isinstance(model, LPIPS):
             raise TypeError(f"model: expected an lpips_fast.LPIPS, got {type(model).__name__}")
         self.model = model
         self.spatial = bool(model.spatial)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.min_size = int(min_size)
+        self.channel_slice = bool(channel_slice)
+        self.pad_small = bool(pad_small)
+        self.refuse_nonfinite = model.nonfinite == "raise"
+
+    def check_inputs(self, in0: torch.Tensor, in1: torch.Tensor) -> None:
+        """Runtime asserts on ``in0``'s sizes (``in1`` shares its symbols) and on both values."""
+        c, h, w = in0.shape[1], in0.shape[2], in0.shape[3]
+        if self.channel_slice:
+            _require(torch.scalar_tensor(c) == 3, "in0/in1: expected 3 channels (N, 3, H, W)")
+        if self.size is not None:
+            eh, ew = self.size
+            _require(
+                (torch.scalar_tensor(h) == eh) & (torch.scalar_tensor(w) == ew),
+                f"in0/in1: this package serves {eh}x{ew} images only (H x W); resize them, or export "
+                "with dynamic_hw=True (--dynamic-hw) for other sizes",
+            )
+        else:
+            lo = self.min_size
+            _require(
+                (torch.scalar_tensor(h) >= lo) & (torch.scalar_tensor(w) >= lo),
+                f"in0/in1: images must be at least {lo}x{lo} pixels for this package's trunk; upsample them",
+            )
+        if self.refuse_nonfinite:
+            _require(
+                torch.isfinite(in0).all() & torch.isfinite(in1).all(),
+                "in0/in1: hold NaN or Inf values (the model was exported with nonfinite='raise')",
+            )
 
     def forward(self, in0: torch.Tensor, in1: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(in0, in1)
+        if self.channel_slice:
+            in0, in1 = in0[:, :3], in1[:, :3]
         m = self.model
         n = in0.shape[0]
-        feats = m.net(torch.cat([m.preprocess(in0), m.preprocess(in1)]))
+        x = torch.cat([m.preprocess(in0), m.preprocess(in1)])
+        if self.pad_small:
+            lo = self.min_size
+            x = F.pad(x, (0, torch.sym_max(0, lo - x.shape[3]), 0, torch.sym_max(0, lo - x.shape[2])))
+        feats = m.net(x)
         total = None
         for f, w in zip(feats, m.lin_weights()):
             d = lpips_distance(f[:n], f[n:], w, spatial=self.spatial, backend="torch")
@@ -74,21 +127,33 @@ class ExportableLPIPS(nn.Module):
             total = d if total is None else total + d
         # As LPIPS: bitwise-equal images score exactly 0 (whatever the rounding of their features).
         same = identical_pairs(in0, in1)
-        return torch.where(same.view(-1, *([1] * (total.dim() - 1))), torch.zeros_like(total), total)
+        total = torch.where(same.view(-1, *([1] * (total.dim() - 1))), torch.zeros_like(total), total)
+        if self.pad_small:
+            small = (torch.scalar_tensor(in0.shape[2]) < self.min_size) | (torch.scalar_tensor(in0.shape[3]) < self.min_size)
+            total = torch.where(small, torch.full_like(total, float("nan")), total)
+        return total
 
 
-def _prepare(model: LPIPS) -> ExportableLPIPS:
-    """An eval-mode float32 copy's wrapper (the caller's module is not changed)."""
+def _require(ok: torch.Tensor, message: str) -> None:
+    """A check that survives tracing: ``aten._assert_async`` raises ``message`` where it runs."""
+    torch._assert_async(ok, message)
+
+
+def _prepare(model: LPIPS, **checks: Any) -> ExportableLPIPS:
+    """An eval-mode float32 copy's wrapper (the caller's module is not changed); ``checks`` go to
+    :class:`ExportableLPIPS`."""
     import copy
 
     if not isinstance(model, LPIPS):
         raise TypeError(f"model: expected an lpips_fast.LPIPS, got {type(model).__name__}")
     m = copy.deepcopy(model).eval().requires_grad_(False).to(device="cpu", dtype=torch.float32)
     m.net.to(memory_format=torch.contiguous_format)
-    return ExportableLPIPS(m).eval()
+    return ExportableLPIPS(m, **checks).eval()
 
 
 def _example(model: LPIPS, example: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(model, LPIPS):
+        raise TypeError(f"model: expected an lpips_fast.LPIPS, got {type(model).__name__}")
     if example is None:
         g = torch.Generator().manual_seed(0)
         size = max(64, int(model.net.min_size))
@@ -109,19 +174,28 @@ def _example(model: LPIPS, example: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return example[0].float().cpu(), example[1].float().cpu()
 
 
-def _dynamic_shapes(model: LPIPS, dynamic: bool, spatial_dims: bool):
-    """``torch.export`` dynamic_shapes for (in0, in1): one batch Dim, optionally one H and W."""
+def _dynamic_shapes(model: LPIPS, dynamic: bool, spatial_dims: bool, channels: bool = False, min_hw: int | None = None):
+    """``torch.export`` dynamic_shapes for (in0, in1): one batch Dim, optionally one H and W and
+    one channel Dim (shared by both inputs)."""
     from torch.export import Dim
 
     if not dynamic:
         return None
     batch = Dim("batch", min=1, max=1 << 16)
     dims: dict[int, Any] = {0: batch}
+    if channels:
+        dims[1] = Dim("channels", min=3, max=1 << 16)
     if spatial_dims:
-        lo = _min_dynamic_size(model)
+        lo = _min_dynamic_size(model) if min_hw is None else min_hw
         dims[2] = Dim("height", min=lo, max=8192)
         dims[3] = Dim("width", min=lo, max=8192)
     return ({**dims}, {**dims})
+
+
+def _spare_channel(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a fourth, zero channel: traced on it, the graph keeps its channel count symbolic
+    (a 3-channel example would specialise it), so the in-graph channel check sees the real one."""
+    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
 
 
 def _min_dynamic_size(model: LPIPS) -> int:
@@ -158,8 +232,9 @@ def onnx(
     the ONNX opset (default: the exporter's). Returns the path written.
     """
     p = _check_path(path, ".onnx")
-    wrapper = _prepare(model)
     args = _example(model, example)
+    wrapper = _prepare(model, size=None if dynamic else tuple(args[0].shape[2:]), min_size=_min_dynamic_size(model),
+                       pad_small=dynamic)
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = int(opset)
@@ -172,7 +247,7 @@ def onnx(
             wrapper,
             args,
             dynamo=True,
-            dynamic_shapes=_dynamic_shapes(model, dynamic, spatial_dims=True),
+            dynamic_shapes=_dynamic_shapes(model, dynamic, spatial_dims=True, min_hw=1),
             input_names=["in0", "in1"],
             output_names=["lpips"],
             external_data=False,
@@ -193,18 +268,30 @@ def aoti(
 ) -> Path:
     """Compile ``model`` with ``torch.export`` + AOTInductor into a ``.pt2`` package (CPU).
 
-    The batch is dynamic; ``dynamic_hw`` also makes height and width dynamic (otherwise the
-    package serves the example's H and W only). ``freezing`` lets Inductor treat the weights as
-    constants (constant folding, convolution weights prepacked for oneDNN). Load it with
-    ``torch._inductor.aoti_load_package(path)``. Takes 25-80 s for alex on 2 cores (about
-    twice that with ``dynamic_hw``).
+    The batch is dynamic; with ``dynamic_hw`` the package serves every height and width of at
+    least the trunk's minimum, otherwise only the example's H and W, and it raises
+    ``RuntimeError`` (from inside its graph) on any other size, on a channel count other than 3
+    and, for ``nonfinite='raise'``, on NaN/Inf (module docstring: what it does not check).
+    ``freezing`` lets Inductor treat the weights as constants (constant folding, convolution
+    weights prepacked for oneDNN). Load it with ``torch._inductor.aoti_load_package(path)``.
+    Takes about 30-160 s for alex on 2 cores.
     """
     p = _check_path(path, ".pt2")
-    wrapper = _prepare(model)
     args = _example(model, example)
+    lo = _min_dynamic_size(model)
+    size = None if dynamic_hw else (int(args[0].shape[2]), int(args[0].shape[3]))
+    if size is not None and min(size) < lo:
+        raise ValueError(
+            f"example: a package of one size needs images of at least {lo}x{lo} for the "
+            f"{model.pnet_type} trunk (so that it can check its input size), got {size[0]}x{size[1]}"
+        )
+    wrapper = _prepare(model, size=size, min_size=lo, channel_slice=True)
+    traced = tuple(_spare_channel(t) for t in args)
     with torch.no_grad():
+        # H and W are symbolic even for a one-size package: its size check needs their runtime
+        # values (measured: the same speed as a static graph, python benchmarks/bench_export.py).
         ep = torch.export.export(
-            wrapper, args, dynamic_shapes=_dynamic_shapes(model, True, spatial_dims=dynamic_hw), strict=False
+            wrapper, traced, dynamic_shapes=_dynamic_shapes(model, True, spatial_dims=True, channels=True), strict=False
         )
         out = torch._inductor.aoti_compile_and_package(
             ep, package_path=str(p), inductor_configs={"freezing": bool(freezing)}
@@ -250,6 +337,68 @@ def _check(run, model: LPIPS, sizes, batches, tolerance: float) -> list[dict]:
             err = float((got.double() - want.double()).abs().max())
             rows.append({"size": list(size), "batch": batch, "max_abs_err": err, "ok": err <= tolerance})
     return rows
+
+
+def _refusal_cases(model: LPIPS, size: tuple[int, int] | None, lo: int, runtime_checks: bool) -> list[tuple]:
+    """(case, in0, in1) an artifact serving ``size`` (None: any size from ``lo``) must refuse;
+    ``runtime_checks`` adds the cases only a runtime's own input checks catch."""
+    h, w = size or (64, 64)
+    a, b = check_images((h, w), 2)
+    cases = [("4 channels", _spare_channel(a), _spare_channel(b)), ("1 channel", a[:, :1], b[:, :1])]
+    if size is not None:
+        cases.append((f"{h + 8}x{w + 8} for a {h}x{w} graph", *check_images((h + 8, w + 8), 2)))
+    elif lo > 1:
+        cases.append((f"{lo - 1}x{lo - 1}, under the minimum {lo}", *check_images((lo - 1, lo - 1), 2)))
+    if model.nonfinite == "raise":
+        bad = a.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        cases.append(("NaN pixel in pair 0", bad, b))
+    if runtime_checks:
+        cases += [("3-D input", a[0], b[0]), ("float64", a.double(), b.double()),
+                  ("in1 of another size", a, check_images((h + 8, w + 8), 2)[1])]
+    return cases
+
+
+def _refusals(run, cases: list[tuple], nan_cases: tuple[str, ...] = ()) -> list[dict]:
+    """Run each case; refused = raised, or (for a case named in ``nan_cases``) pair 0 is NaN."""
+    rows = []
+    for case, x, y in cases:
+        expected = "nan" if case.startswith(nan_cases) else "error"
+        try:
+            with torch.no_grad():
+                out = torch.as_tensor(run(x, y)).flatten()
+        except Exception as e:  # the artifact's own error (the runtime's, or the graph's assert)
+            got = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+            rows.append({"case": case, "expected": expected, "refused": True, "got": got})
+            continue
+        nan = bool(torch.isnan(out[0]))
+        rows.append({"case": case, "expected": expected, "refused": expected == "nan" and nan,
+                     "got": "NaN" if nan else f"numbers {[round(float(v), 6) for v in out[:4]]}"})
+    return rows
+
+
+def check_refusals(path: str | os.PathLike, model: LPIPS, *, size: tuple[int, int] | None = None) -> list[dict]:
+    """Feed the ``.onnx`` / ``.pt2`` artifact at ``path`` inputs it was not built for: another
+    channel count, another size (``size``: the one size it serves; None: any size from the
+    trunk's minimum), a NaN pixel (when ``model.nonfinite`` is 'raise'); for ONNX also a 3-D
+    input, float64 and ``in1`` of another size (ONNX Runtime's own checks; an ONNX graph answers
+    NaN for a size under the minimum or a NaN pixel, having no assertion operator), and for a
+    ``.pt2`` those three too when ``AOTI_RUNTIME_CHECK_INPUTS`` is set (AOTInductor's checks).
+    One row per case: ``case``, ``expected`` ('error' or 'nan'), ``refused``, ``got``."""
+    lo = _min_dynamic_size(model)
+    suffix = Path(os.fspath(path)).suffix
+    if suffix == ".onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        cases = _refusal_cases(model, size, lo, runtime_checks=True)
+        return _refusals(lambda a, b: sess.run(None, {"in0": a.numpy(), "in1": b.numpy()})[0], cases,
+                         nan_cases=(f"{lo - 1}x", "NaN pixel"))
+    if suffix != ".pt2":
+        raise ValueError(f"path: expected a .onnx or .pt2 file, got {os.fspath(path)!r}")
+    runner = torch._inductor.aoti_load_package(os.fspath(path))
+    runtime_checks = os.environ.get("AOTI_RUNTIME_CHECK_INPUTS", "") not in ("", "0")
+    return _refusals(runner, _refusal_cases(model, size, lo, runtime_checks))
 
 
 def check_onnx(

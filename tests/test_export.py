@@ -39,6 +39,12 @@ def aoti_path(alex, tmp_path_factory):
     return export.aoti(alex, tmp_path_factory.mktemp("aoti") / "alex.pt2", example=example, dynamic_hw=True)
 
 
+@pytest.fixture(scope="module")
+def aoti_fixed_path(alex, tmp_path_factory):
+    """A one-size package (the CLI's default: 64x64)."""
+    return export.aoti(alex, tmp_path_factory.mktemp("aoti_fixed") / "alex64.pt2", example=export.check_images((64, 64), 2))
+
+
 def test_onnx_parity_three_sizes_two_batches(onnx_path, alex):
     rows = export.check_onnx(onnx_path, alex, sizes=SIZES, batches=BATCHES)
     assert len(rows) == len(SIZES) * len(BATCHES)
@@ -103,6 +109,11 @@ def test_aoti_package_loads_without_lpips_fast(aoti_path, alex):
         x = torch.load({str(aoti_path.parent / "inputs.pt")!r})
         with torch.no_grad():
             out = runner(x["a"], x["b"])
+            try:  # the graph's own check, with no lpips_fast code around it
+                runner(x["a"].repeat(1, 2, 1, 1), x["b"].repeat(1, 2, 1, 1))
+                raise SystemExit("a 6-channel input was answered")
+            except RuntimeError as e:
+                assert "expected 3 channels" in str(e), e
         print(" ".join(repr(float(v)) for v in out.flatten()))
         """
     )
@@ -113,6 +124,52 @@ def test_aoti_package_loads_without_lpips_fast(aoti_path, alex):
     assert (got.double() - want.double()).abs().max() <= 1e-5
 
 
+def test_one_size_package_refuses_other_sizes(aoti_fixed_path, alex):
+    """It used to answer 64x80, 96x96 and 224x224 with wrong numbers (up to 45% off)."""
+    rows = export.check_aoti(aoti_fixed_path, alex, sizes=[(64, 64)], batches=(1, 3))
+    assert all(r["ok"] for r in rows), rows
+    runner = torch._inductor.aoti_load_package(str(aoti_fixed_path))
+    for n, h, w in [(3, 64, 80), (5, 96, 96), (2, 224, 224), (2, 48, 48)]:
+        a, b = export.check_images((h, w), n)
+        with pytest.raises(RuntimeError, match="serves 64x64 images only"):
+            runner(a, b)
+    rows = export.check_refusals(aoti_fixed_path, alex, size=(64, 64))
+    assert [r["case"] for r in rows] == ["4 channels", "1 channel", "72x72 for a 64x64 graph", "NaN pixel in pair 0"]
+    assert all(r["refused"] and r["got"].startswith("RuntimeError: in0/in1:") for r in rows), rows
+
+
+def test_packages_and_onnx_refuse_what_they_were_not_built_for(aoti_path, onnx_path, alex):
+    rows = export.check_refusals(aoti_path, alex)
+    assert [r["case"] for r in rows] == ["4 channels", "1 channel", "46x46, under the minimum 47", "NaN pixel in pair 0"]
+    assert all(r["refused"] for r in rows), rows
+    rows = {r["case"]: r for r in export.check_refusals(onnx_path, alex)}
+    assert all(r["refused"] for r in rows.values()), rows
+    assert "Invalid rank" in rows["3-D input"]["got"] and "index: 1 Got: 4 Expected: 3" in rows["4 channels"]["got"]
+    assert "data type" in rows["float64"]["got"]
+    assert rows["46x46, under the minimum 47"]["expected"] == "nan"  # ONNX has no assertion operator
+
+
+def test_aoti_runtime_checks_switch_covers_rank_dtype_and_in1(aoti_path, alex):
+    """What the graph cannot see (rank, dtype, in1's own shape) AOTInductor checks with its switch."""
+    code = textwrap.dedent(
+        f"""
+        import json, lpips_fast
+        from lpips_fast import export
+        rows = export.check_refusals({str(aoti_path)!r}, lpips_fast.LPIPS(net="alex"))
+        print(json.dumps(rows))
+        """
+    )
+    import json
+    import os
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["case"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+    assert {"3-D input", "float64", "in1 of another size"} <= set(rows)
+    assert all(r["refused"] for r in rows.values()), rows
+
+
 def test_bad_arguments(alex, tmp_path):
     with pytest.raises(ValueError, match="path"):
         export.onnx(alex, tmp_path / "x.txt")
@@ -120,6 +177,8 @@ def test_bad_arguments(alex, tmp_path):
         export.onnx(torch.nn.Identity(), tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="example"):
         export.aoti(alex, tmp_path / "x.pt2", example=(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)))
+    with pytest.raises(ValueError, match="at least 47x47"):
+        export.aoti(alex, tmp_path / "x.pt2", example=export.check_images((40, 40), 2))
 
 
 def test_cli_export_usage_error(capsys):
