@@ -99,6 +99,13 @@ def test_specs_are_the_launchers_configs(specs):
     }
 
 
+def test_fp64_backward_runs_4_warps():
+    """At 8 warps ptxas capped the fp64 backward at 80 registers and spilled in the body (20261129 audit)."""
+    for c in _tr().AOT_CHANNELS:
+        for p in _tr().AOT_PIXELS:
+            assert _tr().block_config(c, p, torch.float64, backward=True)[2] == 4
+
+
 def _check_types(args: dict, sig: dict, constexprs: dict) -> None:
     assert set(args) | set(constexprs) == set(sig)
     for name, value in args.items():
