@@ -99,13 +99,6 @@ def test_specs_are_the_launchers_configs(specs):
     }
 
 
-def test_fp64_backward_runs_4_warps():
-    """At 8 warps ptxas capped the fp64 backward at 80 registers and spilled in the body (20261129 audit)."""
-    for c in _tr().AOT_CHANNELS:
-        for p in _tr().AOT_PIXELS:
-            assert _tr().block_config(c, p, torch.float64, backward=True)[2] == 4
-
-
 def _check_types(args: dict, sig: dict, constexprs: dict) -> None:
     assert set(args) | set(constexprs) == set(sig)
     for name, value in args.items():
@@ -174,6 +167,95 @@ def test_spills_are_detected():
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec["regs"] is not None and rec["regs"] <= 32, rec
     assert rec["spills"] > 0 and rec["ok"] is False and "spill" in rec["error"]
+    # Spills in the kernel body are never accepted.
+    assert rec["local_ops"]["body"] > 0 and rec["accepted"] is None, rec
+
+
+_SLOW_PATH_SNIPPET = """
+import json
+from lpips_fast.ops import aot
+spec = next(
+    s for s in aot.load_specs()
+    if s.kernel == "_grouped_bwd_kernel" and s.dtype == "fp16" and s.launch["net"] == ["vgg"]
+    and s.constexprs["SPATIAL"] and s.constexprs["NEED_DX"] and s.constexprs["NEED_DW"] and not s.constexprs["NEED_DY"]
+)
+print(json.dumps(aot.compile_spec(spec, 90)))
+"""
+
+
+def test_slow_path_frame_is_accepted_by_the_rule():
+    """The 20261129 audit's sm_90 example (grouped backward, fp16, weight, spatial, dx and dw, 8
+    warps): 80 registers and an 8-byte frame whose only local loads and stores are in ptxas's
+    out-of-line IEEE division slow path. Accepted by SLOW_PATH_RULE; with one local access in the
+    body, or a larger frame, it would not be."""
+    proc = _run(["-c", _SLOW_PATH_SNIPPET])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["spills"] > 0, f"this spec no longer has local memory; pick another for the rule's test: {rec}"
+    sites = rec["local_ops"]
+    assert sites["body"] == 0 and sites["slow_path"] > 0 and sites["unguarded_calls"] == 0 and sites["ptx_calls"] == 0
+    assert rec["ok"] and rec["accepted"] == aot.SLOW_PATH_RULE and rec["error"] is None, rec
+    assert aot.accepted_reason(dict(rec, local_ops=dict(sites, body=1))) is None
+    assert aot.accepted_reason(dict(rec, spills=aot.SLOW_PATH_FRAME_MAX + 8)) is None
+
+
+# Hand-written cuobjdump -sass lines: a body with one guarded call, an EXIT, one subroutine.
+_SASS_TEXT = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   FCHK P0, R28, R17 ;
+        /*0020*/              @!P0 BRA 0x60 ;
+        /*0030*/                   MOV R0, R17 ;
+        /*0040*/                   MOV R16, 0x60 ;
+        /*0050*/                   CALL.REL.NOINC 0x90 ;
+        /*0060*/                   %s ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80 ;
+        /*0090*/                   STL [R1], R29 ;
+        /*00a0*/                   LDL.LU R29, [R1] ;
+        /*00b0*/                   RET.REL.NODEC R16 0x0 ;
+"""
+
+
+@pytest.mark.parametrize(
+    "body, ptx, want",
+    [
+        ("NOP", "", {"body": 0, "slow_path": 2, "unguarded_calls": 0, "ptx_calls": 0}),
+        ("STL [R1+0x4], R2", "", {"body": 1, "slow_path": 2, "unguarded_calls": 0, "ptx_calls": 0}),
+        ("NOP", "\tcall.uni (retval0), f, (param0);", {"body": 0, "slow_path": 2, "unguarded_calls": 0, "ptx_calls": 1}),
+    ],
+)
+def test_local_memory_sites_from_sass(monkeypatch, body, ptx, want):
+    monkeypatch.setattr(aot, "_run_tool", lambda args, cubin: _SASS_TEXT % body)
+    sites = aot.local_memory_sites(b"", ptx)
+    assert sites == want
+    accepted = aot.accepted_reason({"spills": 8, "local_ops": sites})
+    assert (accepted == aot.SLOW_PATH_RULE) is (want["body"] == 0 and want["ptx_calls"] == 0)
+
+
+def test_unguarded_call_is_not_accepted(monkeypatch):
+    text = _SASS_TEXT.replace("@!P0 BRA 0x60", "FADD R2, R2, R3") % "NOP"
+    monkeypatch.setattr(aot, "_run_tool", lambda args, cubin: text)
+    sites = aot.local_memory_sites(b"", "")
+    assert sites["unguarded_calls"] == 1 and aot.accepted_reason({"spills": 8, "local_ops": sites}) is None
+
+
+def test_failed_in_selects_the_earlier_audits_failures(specs):
+    pick = next(s for s in specs if s.kernel == "_lpips_bwd_kernel")
+    other = next(s for s in specs if s.kernel == "_lpips_fwd_kernel")
+    records = [
+        {"kernel": pick.kernel, "dtype": pick.dtype, "ok": False, "num_warps": 1, **pick.constexprs},
+        {"kernel": other.kernel, "dtype": other.dtype, "ok": True, **other.constexprs},
+    ]
+    chosen = aot.failed_in(specs, records)
+    assert pick in chosen and other not in chosen
+    assert all(s.kernel == pick.kernel and s.dtype == pick.dtype and s.constexprs == pick.constexprs for s in chosen)
+
+
+def test_fp64_backward_runs_4_warps():
+    """At 8 warps ptxas capped the fp64 backward at 80 registers and spilled in the body (20261129 audit)."""
+    for c in _tr().AOT_CHANNELS:
+        for p in _tr().AOT_PIXELS:
+            assert _tr().block_config(c, p, torch.float64, backward=True)[2] == 4
 
 
 def test_usage_error_exit_2(capsys):
@@ -189,7 +271,7 @@ def test_aot_cover_compiles_for_sm90_without_spills(tmp_path):
     records = json.loads(out.read_text())
     assert len(records) == len(aot.select(aot.load_specs(), "cover"))
     for r in records:
-        assert r["ok"] and r["arch"] == 90 and r["spills"] == 0, r
+        assert r["ok"] and r["arch"] == 90 and r["spills"] == 0 and r["accepted"] is None, r
         assert 0 < r["regs"] <= 255 and r["shared"] >= 0 and r["cubin_bytes"] > 0
         # per-layer kernels: one tile; grouped kernels: one tile per layer slot (BC{k}/BP{k}) and NL
         tile = {"BLOCK_C", "BLOCK_P"} if r["kernel"].startswith("_lpips") else {"NL", "BC0", "BP0"}

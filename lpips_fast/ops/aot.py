@@ -1,17 +1,37 @@
 """Compile the Triton kernels for CUDA targets ahead of time, without a GPU, and audit them.
 
     python -m lpips_fast.ops.aot --arch 80 --arch 90 --json aot.json [--scope all|cover|hot] [--jobs N]
+        [--module M] [--dtype D] [--kernel K] [--failed-in OLD.json] [--strict]
 
 Each specialisation is compiled with ``triton.compile(ASTSource(fn, signature, constexprs),
 target=GPUTarget("cuda", arch, 32), options={"num_warps": ...})`` (Triton's bundled ptxas; no
 driver needed), and its cubin is read with Triton's bundled ``cuobjdump --dump-resource-usage``:
-registers per thread, stack and local bytes per thread (spills: these kernels have no local
-arrays or calls, so any local memory is spilled registers), shared memory (the launch's, from
+registers per thread, stack and local bytes per thread (``spills``: these kernels have no local
+arrays, so any local memory holds registers, spilled or saved), shared memory (the launch's, from
 the kernel's metadata) and cubin size. The JSON is a list of objects, one per (spec, arch):
 ``kernel, arch, dtype, ok, regs, spills, stack, local, shared, cubin_bytes, num_warps`` plus the
 constexprs (``BLOCK_C``, ``BLOCK_P``, flags), ``launch`` (the channel and pixel counts that pick
-it), ``hot``, ``seconds`` and ``error``. Exit status 3 when a compile fails or a spec spills
-(every spec is one the launcher picks), 2 on a usage error, 0 otherwise.
+it), ``hot``, ``seconds``, ``error`` and ``accepted`` (with ``local_ops`` when it has local
+memory; below). Exit status 3 when a compile fails or a spec has local memory that the rule
+below does not accept (every spec is one the launcher picks), 2 on a usage error, 0 otherwise.
+
+Accepted local memory (``SLOW_PATH_RULE``; ``--strict`` accepts none). For a spec with local
+memory the SASS (``cuobjdump -sass``) is read, and the record gets ``local_ops`` (local loads and
+stores in the kernel body and in out-of-line subroutines, calls not behind a branch, calls in the
+PTX) and ``accepted`` (the rule's text, or null). The rule accepts a spec when the PTX has no
+``call`` (Triton inlines every ``@triton.jit`` helper, so every SASS ``CALL`` is ptxas's own
+out-of-line slow path of an IEEE ``div.rn``/``sqrt.rn``/``rcp.rn``), no local load or store is in
+the kernel body (before the last ``EXIT``), each ``CALL`` is jumped over by a predicated branch
+just before it (the fast path's range check, e.g. ``FCHK``), and the frame is at most
+``SLOW_PATH_FRAME_MAX`` bytes. Such a frame holds registers the subroutine saves around its own
+work when ptxas has capped the kernel's registers to fit more blocks per SM (Triton declares
+``.reqntid`` and no ``.maxnreg``; 80 per thread at 256 threads is the most that fits 3 blocks);
+it is touched only when the range check flags an operand (a zero, subnormal, infinite or NaN
+one, or a quotient near the exponent limits), per pixel and not per tile value, and then costs
+two L1-resident stores and loads next to the slow path's own few dozen instructions. Lifting the
+cap removes the frame and costs occupancy (the sm_90 fp16 example: 24 resident warps per SM at 80
+registers, 16 at ``maxnreg=128``, which ``wrap_triton`` does not pass through, 93 registers; 12
+at 4 warps, 166 registers).
 
 Contract for the kernel modules named in ``SPEC_MODULES`` (the per-layer and the grouped kernels): each defines
 ``aot_specializations() -> list[KernelSpec]`` (``lpips_fast.ops._aot_spec``), built by calling
@@ -54,6 +74,18 @@ SCOPES = ("all", "cover", "hot")
 
 _SPECS: list = []  # set before the worker pool forks; workers index into it
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+# One SASS instruction of cuobjdump -sass: address, optional predicate, opcode, operands.
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_PTX_CALL = re.compile(r"^\s*(@!?%p\d+\s+)?call(\.uni)?\b", re.MULTILINE)
+
+SLOW_PATH_FRAME_MAX = 32  # bytes of local memory per thread the rule accepts
+SLOW_PATH_RULE = (
+    "local memory only in ptxas's out-of-line IEEE div/sqrt slow paths (no PTX calls, no local "
+    "access in the kernel body, every call behind the fast path's range check, frame <= "
+    f"{SLOW_PATH_FRAME_MAX} B): registers saved there under ptxas's occupancy cap, touched only for "
+    "operands at the ends of the exponent range"
+)
+_GUARD_WINDOW = 24  # instructions before a CALL searched for the predicated branch over it
 
 
 def load_specs(modules: Sequence[str] = SPEC_MODULES) -> list:
@@ -81,6 +113,15 @@ def select(specs: list, scope: str) -> list:
     return chosen
 
 
+def failed_in(specs: list, records: List[dict]) -> list:
+    """The specs that an earlier audit's ``records`` (its JSON) marked not ok, matched on kernel,
+    dtype and constexprs (not on num_warps: a spec is re-checked as the launcher now picks it)."""
+    bad = [r for r in records if not r.get("ok")]
+    return [s for s in specs
+            if any(r["kernel"] == s.kernel and r["dtype"] == s.dtype
+                   and all(r.get(c) == v for c, v in s.constexprs.items()) for r in bad)]
+
+
 def _cuobjdump() -> Optional[str]:
     try:
         from triton import knobs
@@ -96,15 +137,20 @@ def _cuobjdump() -> Optional[str]:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def resource_usage(cubin: bytes) -> Dict[str, int]:
-    """regs, stack, local, static shared of the (single) kernel in ``cubin``, from cuobjdump."""
+def _run_tool(args: List[str], cubin: bytes) -> str:
+    """cuobjdump ``args`` on ``cubin``; its stdout."""
     tool = _cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump not found (neither triton's bundled copy nor on PATH)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """regs, stack, local, static shared of the (single) kernel in ``cubin``, from cuobjdump."""
+    text = _run_tool(["--dump-resource-usage"], cubin)
     m = _RES.search(text)
     if m is None:
         raise RuntimeError(f"unexpected cuobjdump output: {text[-500:]!r}")
@@ -112,15 +158,60 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return {"regs": regs, "stack": stack, "local": local, "static_shared": shared}
 
 
-def compile_spec(spec, arch: int, options: Optional[dict] = None) -> Dict[str, Any]:
-    """Compile one spec for sm_<arch>; the JSON record (``ok`` False with ``error`` on failure)."""
+def local_memory_sites(cubin: bytes, ptx: str) -> Dict[str, int]:
+    """Where the kernel touches local memory, from its SASS: ``body`` (local loads/stores before
+    the kernel's last ``EXIT``), ``slow_path`` (in the subroutines after it), ``unguarded_calls``
+    (``CALL``s whose nearest branch before them, within ``_GUARD_WINDOW`` instructions, is not
+    a predicated one that jumps over them) and ``ptx_calls`` (``call`` instructions in the PTX)."""
+    text = _run_tool(["-sass"], cubin)
+    ins = [(int(a, 16), bool(p), op, rest) for a, p, op, rest in _SASS.findall(text)]
+    if not ins:
+        raise RuntimeError(f"no SASS in cuobjdump output: {text[-500:]!r}")
+    exits = [a for a, _, op, _ in ins if op == "EXIT"]
+    end = max(exits) if exits else -1
+    local = [a for a, _, op, _ in ins if op.split(".")[0] in ("LDL", "STL")]
+    unguarded = 0
+    for k, (a, _, op, _) in enumerate(ins):
+        if op.split(".")[0] != "CALL":
+            continue
+        # The nearest branch before the call (past the argument moves) must be predicated and skip it.
+        guarded = False
+        for _, pred, op2, rest in reversed(ins[max(0, k - _GUARD_WINDOW) : k]):
+            if op2.split(".")[0] == "BRA":
+                target = re.search(r"0x([0-9a-f]+)", rest)
+                guarded = pred and target is not None and int(target.group(1), 16) > a
+                break
+        unguarded += not guarded
+    return {
+        "body": sum(1 for a in local if a <= end),
+        "slow_path": sum(1 for a in local if a > end),
+        "unguarded_calls": unguarded,
+        "ptx_calls": len(_PTX_CALL.findall(ptx)),
+    }
+
+
+def accepted_reason(rec: Dict[str, Any]) -> Optional[str]:
+    """``SLOW_PATH_RULE`` when the record's local memory meets it (see the module docstring), else None."""
+    sites = rec.get("local_ops")
+    if not rec.get("spills") or not sites:
+        return None
+    if sites["body"] or sites["unguarded_calls"] or sites["ptx_calls"] or not sites["slow_path"]:
+        return None
+    if rec["spills"] > SLOW_PATH_FRAME_MAX:
+        return None
+    return SLOW_PATH_RULE
+
+
+def compile_spec(spec, arch: int, options: Optional[dict] = None, strict: bool = False) -> Dict[str, Any]:
+    """Compile one spec for sm_<arch>; the JSON record (``ok`` False with ``error`` on failure or
+    on local memory that ``accepted_reason`` does not accept; ``strict``: no local memory accepted)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     rec: Dict[str, Any] = {"kernel": spec.kernel, "arch": arch, "dtype": spec.dtype, "num_warps": spec.num_warps}
     rec.update(spec.constexprs)
-    rec.update({"launch": spec.launch, "hot": spec.hot})
+    rec.update({"launch": spec.launch, "hot": spec.hot, "accepted": None})
     t0 = time.perf_counter()
     try:
         if not isinstance(spec.fn, triton.runtime.JITFunction):
@@ -137,7 +228,10 @@ def compile_spec(spec, arch: int, options: Optional[dict] = None) -> Dict[str, A
         rec["spills"] = usage["stack"] + usage["local"]
         rec["shared"] = int(compiled.metadata.shared)
         rec["cubin_bytes"] = len(cubin)
-        rec["ok"] = rec["spills"] == 0
+        if rec["spills"]:
+            rec["local_ops"] = local_memory_sites(cubin, compiled.asm["ptx"])
+            rec["accepted"] = None if strict else accepted_reason(rec)
+        rec["ok"] = rec["spills"] == 0 or rec["accepted"] is not None
         rec["error"] = None if rec["ok"] else f"{rec['spills']} bytes of local memory per thread (register spills)"
     except Exception as exc:  # a compile error is a result, recorded per spec
         rec.update({"ok": False, "regs": None, "spills": None, "shared": None, "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -145,16 +239,20 @@ def compile_spec(spec, arch: int, options: Optional[dict] = None) -> Dict[str, A
     return rec
 
 
+_STRICT = False  # set with _SPECS
+
+
 def _work(task):
     index, arch = task
-    return compile_spec(_SPECS[index], arch)
+    return compile_spec(_SPECS[index], arch, strict=_STRICT)
 
 
-def compile_all(specs: list, archs: Sequence[int], jobs: int = 1, progress=None) -> List[Dict[str, Any]]:
+def compile_all(specs: list, archs: Sequence[int], jobs: int = 1, progress=None, strict: bool = False) -> List[Dict[str, Any]]:
     """Compile every spec for every arch, ``jobs`` processes in parallel; records in input order.
     ``progress(done, total, record)`` is called after each compile, in completion order."""
-    global _SPECS
+    global _SPECS, _STRICT
     _SPECS = list(specs)
+    _STRICT = strict
     tasks = [(i, a) for a in archs for i in range(len(specs))]
     if jobs <= 1:
         results = []
@@ -201,12 +299,13 @@ def summarize(records: List[dict]) -> str:
     groups: Dict[tuple, list] = {}
     for r in records:
         groups.setdefault((r["kernel"], r["dtype"], r["arch"]), []).append(r)
-    lines = [f"{'kernel':<18} {'dtype':<5} {'sm':>3} {'specs':>5} {'max regs':>8} {'spilling':>8} {'failed':>6}"]
+    lines = [f"{'kernel':<19} {'dtype':<5} {'sm':>3} {'specs':>5} {'max regs':>8} {'spilling':>8} {'accepted':>8} {'failed':>6}"]
     for (k, d, a), rs in sorted(groups.items()):
         regs = [r["regs"] for r in rs if r.get("regs") is not None]
         spilling = sum(1 for r in rs if r.get("spills"))
+        accepted = sum(1 for r in rs if r.get("accepted"))
         failed = sum(1 for r in rs if r.get("regs") is None)
-        lines.append(f"{k:<18} {d:<5} {a:>3} {len(rs):>5} {max(regs) if regs else '-':>8} {spilling:>8} {failed:>6}")
+        lines.append(f"{k:<19} {d:<5} {a:>3} {len(rs):>5} {max(regs) if regs else '-':>8} {spilling:>8} {accepted:>8} {failed:>6}")
     return "\n".join(lines)
 
 
@@ -229,6 +328,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--table", choices=("hot", "all", "none"), default="hot", help="rows to print (default hot)")
     ap.add_argument("--module", choices=SPEC_MODULES, action="append", default=None,
                     help="only the specs of this kernel module (repeatable; default: every module)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp64"), action="append", default=None,
+                    help="only specs of this feature dtype (repeatable)")
+    ap.add_argument("--kernel", action="append", default=None, help="only specs of this kernel (repeatable)")
+    ap.add_argument("--failed-in", type=Path, default=None, metavar="JSON",
+                    help="only the specs an earlier audit's JSON marked not ok (re-check them)")
+    ap.add_argument("--strict", action="store_true",
+                    help="accept no local memory at all (default: accept what SLOW_PATH_RULE allows)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -240,6 +346,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     os.environ.pop("TRITON_INTERPRET", None)  # real kernels, even when a test session set it
     specs = select(load_specs(args.module or SPEC_MODULES), args.scope)
+    if args.dtype:
+        specs = [s for s in specs if s.dtype in args.dtype]
+    if args.kernel:
+        specs = [s for s in specs if s.kernel in args.kernel]
+    if args.failed_in:
+        try:
+            specs = failed_in(specs, json.loads(args.failed_in.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ap.error(f"--failed-in {args.failed_in}: {exc}")
     cache = tempfile.mkdtemp(prefix="lpips_fast_aot_")
     os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every spec really compiles
     t0 = time.perf_counter()
@@ -256,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.json.write_text(json.dumps(partial, indent=1))
 
     try:
-        records = compile_all(specs, archs, jobs=args.jobs, progress=progress)
+        records = compile_all(specs, archs, jobs=args.jobs, progress=progress, strict=args.strict)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     elapsed = time.perf_counter() - t0
@@ -269,7 +384,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [r for r in records if not r["ok"]]
     for r in bad[:20]:
         print(f"FAIL sm_{r['arch']} {r['kernel']} {r['dtype']} {_flags(r)} {r.get('BLOCK_C')}x{r.get('BLOCK_P')}: {r['error']}")
-    print(f"{len(records)} compiles in {elapsed:.0f} s; {len(bad)} failed or spilled" + (f"; wrote {args.json}" if args.json else ""))
+    accepted = sum(1 for r in records if r.get("accepted"))
+    print(f"{len(records)} compiles in {elapsed:.0f} s; {len(bad)} failed or spilled; {accepted} with local memory "
+          "accepted (SLOW_PATH_RULE)" + (f"; wrote {args.json}" if args.json else ""))
     return 3 if bad else 0
 
 
