@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,72 +31,14 @@ import lpips_fast  # noqa: E402
 from lpips_fast.serve.app import pick_arm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_harness import START_TIMEOUT_S, Server, random_model  # noqa: E402
+from serve_harness import as_tensor as _as_tensor  # noqa: E402
+from serve_harness import free_port as _free_port  # noqa: E402
+from serve_harness import image as _image  # noqa: E402
+from serve_harness import png as _png  # noqa: E402
+
 TOL = 1e-6
-START_TIMEOUT_S = 300  # a first start may build the C++ kernel (~60 s on 2 cores, more under load)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _image(seed: int, h: int = 64, w: int = 64) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _as_tensor(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-class Server:
-    """A ``python -m lpips_fast.cli serve`` child process; always terminated at teardown."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "lpips_fast.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.client.get("/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +47,8 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_models")
     out = {}
     for arm, seed in (("a", 0), ("b", 1)):
-        torch.manual_seed(seed)
-        m = lpips_fast.LPIPS(net="alex", pnet_rand=True).eval()
         path = d / f"{arm}.pt"
-        torch.save(m.state_dict(), path)
-        out[arm] = (m, path)
+        out[arm] = (random_model(path, seed), path)
     return out
 
 
