@@ -304,7 +304,7 @@ async def _read_pairs(request, batch: bool, max_body: int) -> list[tuple[bytes, 
     if ctype == "application/json":
         try:
             doc = json.loads(await request.body())
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
             raise HTTPError(400, "bad_request", f"body: not valid JSON ({e})") from None
         if not isinstance(doc, dict):
             raise HTTPError(400, "bad_request", f"body: expected a JSON object, got {type(doc).__name__}")
@@ -580,7 +580,13 @@ class _Limits:
                 return
             svc.in_flight += limited
             try:
-                body = await self._read_body(scope, receive)
+                try:  # a client dribbling its body must not hold a slot past the request timeout
+                    body = await asyncio.wait_for(self._read_body(scope, receive), svc.timeout)
+                except asyncio.TimeoutError:
+                    await self._reply(send, 408, "timeout",
+                                      f"request body not received within serve.request_timeout_s={svc.timeout:g} s",
+                                      status, {"connection": "close"})
+                    return
                 if body is None:
                     await self._reply(send, 413, "body_too_large",
                                       f"request body exceeds serve.max_body_bytes={svc.max_body}", status)
