@@ -197,10 +197,7 @@ def block_config(c: int, p: int, acc: torch.dtype = torch.float32, backward: boo
     every config this picks and fails on any register spill: on sm_90, fp64 with 4096-value tiles
     spilled up to 1.6 KiB per thread, and the fp32 backward with 4096-value tiles 8 bytes (dy and
     dw at C = 256); the backward is memory-bound, and smaller tiles also raise its occupancy.
-    The fp64 backward runs 4 warps whatever its tile: with 8 (256 threads) ptxas capped it at 80
-    registers, three blocks per SM, and spilled mask predicates in the kernel body (8-16 bytes on
-    sm_80 and sm_90, the grouped kernel's alex/vgg/squeeze launches); with 4 it compiles at
-    126-142 registers without spills. fp64 is the exactness path, not a throughput one.
+    (The grouped kernel's launches choose their own warp count: ``_triton_grouped._warps``.)
     ``int()`` first: in opcheck's dynamic-shape tests the sizes arrive as SymInts, and constexprs
     and num_warps must be concrete (this specialises the trace on C and on P's tile, which the
     compiled kernel needs anyway). Checked with torch 2.14.1 / triton 3.8 (tests/test_aot.py
@@ -210,7 +207,7 @@ def block_config(c: int, p: int, acc: torch.dtype = torch.float32, backward: boo
     words = (2 if acc == torch.float64 else 1) * (2 if backward else 1)  # register words per tile value
     block_c = triton.next_power_of_2(c)
     block_p = max(1, min(triton.next_power_of_2(p), _TILE // words // block_c))
-    warps = 4 if block_c * block_p * words <= 2048 or (backward and acc == torch.float64) else 8
+    warps = 4 if block_c * block_p * words <= 2048 else 8
     return block_c, block_p, warps
 
 

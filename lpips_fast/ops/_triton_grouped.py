@@ -255,8 +255,15 @@ def _constexprs(blocks: List[Tuple[int, int, int]], **flags: bool) -> Dict[str, 
     return out
 
 
-def _warps(blocks: List[Tuple[int, int, int]]) -> int:
-    """One launch, one warp count: the largest tile's."""
+def _warps(blocks: List[Tuple[int, int, int]], flags: Dict[str, bool]) -> int:
+    """One launch, one warp count: the largest tile's, except the fp64 backward's, 4. With 8 (256
+    threads) ptxas capped the fp64 backward at 80 registers (three blocks per SM) and spilled mask
+    predicates in the kernel body (8-16 bytes per thread on sm_80 and sm_90; 20261129 audit);
+    with 4 every fp64 backward launch compiles at 126-216 registers without local memory. fp64 is
+    the exactness path, not a throughput one. (The per-layer kernel keeps ``block_config``'s 8:
+    at 4 warps five of its fp64 backward specs spilled on sm_80.)"""
+    if flags.get("IS_F64") and "NEED_DX" in flags:
+        return 4
     return max(b[2] for b in blocks)
 
 
@@ -267,7 +274,7 @@ def _launch(fn, group: List[_Layer], args: Dict[str, object], flags: Dict[str, b
     programs = sum(layer.programs for layer in group)
     ordered = [args[name] for name in fn.arg_names if name not in constexprs]
     assert len(ordered) + len(constexprs) == len(fn.arg_names), (fn.__name__, sorted(args), sorted(constexprs))
-    warps = _warps(blocks)
+    warps = _warps(blocks, flags)
     with _triton.device_context(group[0].x):
         wrap_triton(fn)[(programs,)](*ordered, **constexprs, num_warps=warps)
 
@@ -437,7 +444,7 @@ def aot_specializations() -> List[KernelSpec]:
                             constexprs = _constexprs(blocks, **flags)
                             spec = KernelSpec(
                                 kernel=fn.__name__, fn=fn, signature=_signature(fn, dtype, constexprs),
-                                constexprs=constexprs, num_warps=_warps(blocks), dtype=TRITON_DTYPES[dtype],
+                                constexprs=constexprs, num_warps=_warps(blocks, flags), dtype=TRITON_DTYPES[dtype],
                                 launch={"net": [net], "image_size": [size], "has_weight": has_w, "spatial": spatial},
                                 axes=kaxes + axes, hot=hot,
                             )  # fmt: skip
