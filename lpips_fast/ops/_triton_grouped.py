@@ -259,7 +259,7 @@ def _warps(blocks: List[Tuple[int, int, int]], flags: Dict[str, bool]) -> int:
     """One launch, one warp count: the largest tile's, except the fp64 backward's, 4. With 8 (256
     threads) ptxas capped the fp64 backward at 80 registers (three blocks per SM) and spilled mask
     predicates in the kernel body (8-16 bytes per thread on sm_80 and sm_90; 20261129 audit);
-    with 4 every fp64 backward launch compiles at 126-216 registers without local memory. fp64 is
+    with 4 every fp64 backward launch compiles at 112-216 registers without local memory. fp64 is
     the exactness path, not a throughput one. (The per-layer kernel keeps ``block_config``'s 8:
     at 4 warps five of its fp64 backward specs spilled on sm_80.)"""
     if flags.get("IS_F64") and "NEED_DX" in flags:
