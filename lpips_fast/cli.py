@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 def _apply_settings(args) -> None:
     """``args.settings``: the layered settings of a dataset command (file < env < its flags); logging set up."""
     from .settings import from_args
-    from .telemetry import configure_logging
+    from .inference.telemetry import configure_logging
 
     args.settings = s = from_args(args)
     if s.source("log.level") != "default" or s.source("log.format") != "default":

@@ -275,8 +275,8 @@ class FeatureSource:
 
     def _pipeline(self):
         if self._pipe is None:
-            from .engine import Engine
-            from .pipeline import PinnedPipeline
+            from .inference.engine import Engine
+            from .inference.pipeline import PinnedPipeline
 
             eng = Engine(model=self.model, device=self.device, dtype=self.dtype, compile=self.compile, batch_size=self.batch_size)
             self._pipe = PinnedPipeline(eng, slots=3)

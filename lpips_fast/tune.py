@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .comparison import spearman
-from .engine import PRECISIONS, precision_settings
+from .inference.engine import PRECISIONS, precision_settings
 from .model import LPIPS
 
 __all__ = ["select_precision", "TuneReport", "TuneRow", "engine_kwargs", "PRECISIONS", "DEFAULT_BUDGET", "generated_pairs"]
@@ -203,7 +203,7 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 # -- candidates: each returns (score(a, b) -> (N,) tensor, model_bytes) ----------------------
 def _engine_candidate(base: LPIPS, device: torch.device, name: str, _calib):
-    from .engine import Engine
+    from .inference.engine import Engine
 
     kw = engine_kwargs(name)
     eng = Engine(model=base, device=device, compile=False, **kw)

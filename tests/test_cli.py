@@ -253,7 +253,7 @@ def test_map_writes_heat_picture(world, tmp_path, capsys):
 
 def test_engine_path_matches_and_halves_on_oom(world, tmp_path, capsys, monkeypatch):
     """--engine on (the CUDA default without a cache): Engine fed by PinnedPipeline, CPU here."""
-    from lpips_fast.engine import Engine
+    from lpips_fast.inference.engine import Engine
 
     base = str(tmp_path / "base.csv")
     run(world, "dirs", world["d0"], world["d1"], "-o", base, "--engine", "off")

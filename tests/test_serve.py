@@ -320,7 +320,7 @@ def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from lpips_fast import registry, weights
-    from lpips_fast.scorer import model_from_settings
+    from lpips_fast.inference.scorer import model_from_settings
     from lpips_fast.serve.app import ModelSpec, parse_model_spec
 
     assert parse_model_spec("alex") == ModelSpec("alex", "0.1")

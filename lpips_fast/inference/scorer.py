@@ -223,7 +223,7 @@ class Scorer:
 
         if engines is None:
             from .engine import Engine
-            from .model import LPIPS
+            from ..model import LPIPS
 
             if devices is None:
                 n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -681,12 +681,12 @@ def model_from_settings(model_settings: dict[str, Any], *, net: str | None = Non
     ``net``/``version``/``state_dict`` replace the section's; ``lin_set`` names a registered lin
     set (``lpips_fast.registry``, ``NAME[@N]``) instead of the section's ``lin`` file.
     """
-    from .model_cache import build_model
+    from ..model_cache import build_model
 
     net = net or model_settings["net"]
     version = version or model_settings["version"]
     if lin_set is not None:
-        from .model import LPIPS
+        from ..model import LPIPS
 
         if model_settings["random_trunk"]:
             torch.manual_seed(model_settings["seed"])

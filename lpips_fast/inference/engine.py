@@ -33,9 +33,9 @@ from typing import Any, Callable
 
 import torch
 
-from .model import LPIPS, identical_pairs
-from .nets import canonical_net_name
-from .profiling import nvtx_range
+from ..model import LPIPS, identical_pairs
+from ..nets import canonical_net_name
+from ..profiling import nvtx_range
 
 __all__ = ["Engine", "uint8_to_unit", "PRECISIONS", "ENGINE_PRECISIONS", "precision_settings"]
 

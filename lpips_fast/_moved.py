@@ -1,0 +1,55 @@
+"""Old module paths of lpips-fast that moved in 0.2, kept importable for one release.
+
+``MOVED`` maps each old dotted path to its new one. ``install()`` puts one finder on
+``sys.meta_path``: importing an old path emits a DeprecationWarning naming the new path and binds
+the old name to the new module itself (``sys.modules[old] is sys.modules[new]``), so attributes,
+``monkeypatch``/``mock.patch`` through the old path and pickles that name the old path keep
+working. No file sits at an old path; the package itself never imports one
+(tests/test_architecture.py checks this).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+__all__ = ["MOVED", "install"]
+
+MOVED: dict[str, str] = {
+    "lpips_fast.engine": "lpips_fast.inference.engine",
+    "lpips_fast.pipeline": "lpips_fast.inference.pipeline",
+    "lpips_fast.scorer": "lpips_fast.inference.scorer",
+    "lpips_fast.telemetry": "lpips_fast.inference.telemetry",
+}
+
+
+class _OldPathFinder:
+    """``sys.meta_path`` finder for the paths in ``MOVED`` (consulted first, so that no stale file at an old path is imported)."""
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname not in MOVED:
+            return None
+        from importlib.machinery import ModuleSpec
+
+        return ModuleSpec(fullname, self)
+
+    def create_module(self, spec):
+        return None  # a placeholder module; exec_module replaces it in sys.modules
+
+    def exec_module(self, module) -> None:
+        old = module.__name__
+        new = MOVED[old]
+        warnings.warn(
+            f"{old} is deprecated and will be removed in lpips-fast 0.3; import {new} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        # The import system returns whatever sys.modules holds under the name after exec_module.
+        sys.modules[old] = importlib.import_module(new)
+
+
+def install() -> None:
+    """Register the finder once (idempotent)."""
+    if not any(isinstance(f, _OldPathFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OldPathFinder())
