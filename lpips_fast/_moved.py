@@ -21,6 +21,16 @@ MOVED: dict[str, str] = {
     "lpips_fast.pipeline": "lpips_fast.inference.pipeline",
     "lpips_fast.scorer": "lpips_fast.inference.scorer",
     "lpips_fast.telemetry": "lpips_fast.inference.telemetry",
+    "lpips_fast.data": "lpips_fast.dataset.data",
+    "lpips_fast.options": "lpips_fast.dataset.options",
+    "lpips_fast.features": "lpips_fast.dataset.features",
+    "lpips_fast.feature_cache": "lpips_fast.dataset.feature_cache",
+    "lpips_fast.evaluate": "lpips_fast.dataset.evaluate",
+    "lpips_fast.pairwise": "lpips_fast.dataset.pairwise",
+    "lpips_fast.diversity": "lpips_fast.dataset.diversity",
+    "lpips_fast.writers": "lpips_fast.dataset.writers",
+    "lpips_fast.distributed": "lpips_fast.dataset.distributed",
+    "lpips_fast.heatmap": "lpips_fast.dataset.heatmap",
 }
 
 

@@ -213,7 +213,7 @@ def read_triplets_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 
 def _dir_pairs(dir0: str | os.PathLike, dir1: str | os.PathLike) -> list[tuple[str, str]]:
-    from .data import list_images
+    from .dataset.data import list_images
 
     d0, d1 = Path(os.fspath(dir0)), Path(os.fspath(dir1))
     for d in (d0, d1):
@@ -316,7 +316,7 @@ class CompareReport:
 
 def _score_chunks(models, pairs, cfgs, batch_size: int) -> tuple[list[list], np.ndarray]:
     """Rows per model and per-chunk wall times (chunks alternate A, B, A, B...)."""
-    from .evaluate import evaluate_pairs
+    from .dataset.evaluate import evaluate_pairs
 
     chunks = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
     rows: list[list] = [[] for _ in models]

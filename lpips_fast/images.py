@@ -22,7 +22,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     from PIL import Image
 
-    from .data import upright
+    from .dataset.data import upright
 
     with Image.open(path) as im:
         return np.asarray(upright(im).convert("RGB"), dtype=np.uint8).copy()

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from .options import EvalOptions, OptionError
+from .dataset.options import EvalOptions, OptionError
 
 __all__ = ["build_model", "shared_model", "model_fingerprint_cached", "clear"]
 
@@ -119,7 +119,7 @@ def _file_key(path: str | None) -> tuple | None:
     if path is None:
         return None
     if not os.path.isfile(path):  # a registered lin set: its name, number and hash
-        from .options import lin_identity
+        from .dataset.options import lin_identity
 
         return (lin_identity(path),)
     st = os.stat(path)
@@ -172,7 +172,7 @@ def on_device(model, device: torch.device | None, dtype: torch.dtype):
 
 def model_fingerprint_cached(model) -> str:
     """``feature_cache.model_fingerprint(model)``, computed once for the cached (frozen) models."""
-    from .feature_cache import model_fingerprint
+    from .dataset.feature_cache import model_fingerprint
 
     with _lock:
         frozen = any(m is model for m in _models.values())

@@ -534,7 +534,7 @@ def _map_png(heat, vmax: float | None, palette: str) -> tuple[bytes, float]:
     import numpy as np
     from PIL import Image
 
-    from ..heatmap import heat_colors
+    from ..dataset.heatmap import heat_colors
 
     hm = heat.numpy()
     top = float(hm.max()) if vmax is None else float(vmax)

@@ -658,7 +658,7 @@ def train(
     """
     _check_args(epochs, decay_epochs, batch_size, lr, beta1, register, out)
     if feature_dir is not None:
-        from ..options import check_cache_dir
+        from ..dataset.options import check_cache_dir
 
         check_cache_dir(os.fspath(feature_dir), "feature_dir")  # a folder (or creatable) and writable
     data = open_2afc(dirs, load_size)

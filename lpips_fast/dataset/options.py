@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import OptionError
-from .paths import writable_dir
+from ..errors import OptionError
+from ..paths import writable_dir
 
 __all__ = [
     "EvalOptions", "OptionError", "parse_dtype", "DTYPES", "resolve_device", "check_device", "check_cache_dir",
@@ -141,8 +141,8 @@ class EvalOptions:
     def validate(self) -> "EvalOptions":
         """Check every setting without loading anything; returns a normalised copy."""
         from .data import parse_resize
-        from .nets import canonical_net_name
-        from .weights import canonical_version
+        from ..nets import canonical_net_name
+        from ..weights import canonical_version
 
         try:
             net = canonical_net_name(self.net)
@@ -200,7 +200,7 @@ class EvalOptions:
             "random_trunk": bool(self.random_trunk),
             "seed": int(self.seed) if self.random_trunk else None,
         }
-        from .nets import canonical_net_name
+        from ..nets import canonical_net_name
 
         s["net"] = canonical_net_name(s["net"])
         s.update(self.extra)
@@ -218,7 +218,7 @@ def lin_identity(lin: str) -> str:
     OptionError when it is neither."""
     if os.path.isfile(lin):
         return _abs(lin)
-    from . import registry
+    from .. import registry
 
     try:
         entry = registry.resolve(os.fspath(lin))
