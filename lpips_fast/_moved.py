@@ -17,6 +17,7 @@ import warnings
 __all__ = ["MOVED", "install"]
 
 MOVED: dict[str, str] = {
+    "lpips_fast.registry": "lpips_fast.weights.registry",
     "lpips_fast.engine": "lpips_fast.inference.engine",
     "lpips_fast.pipeline": "lpips_fast.inference.pipeline",
     "lpips_fast.scorer": "lpips_fast.inference.scorer",

@@ -4,7 +4,7 @@
     rep = compare("net=alex,version=0.1", "net=alex,version=0.0", dirs=("out/", "gt/"))
     print(rep.markdown())
 
-A configuration (:class:`Config`) is net, LPIPS version, named lin set (``lpips_fast.registry``),
+A configuration (:class:`Config`) is net, LPIPS version, named lin set (``lpips_fast.weights.registry``),
 dtype, distance-op backend and device. Both score the same pairs through
 ``lpips_fast.evaluate_pairs`` in chunks of ``batch_size`` pairs, alternating A and B chunk by
 chunk (so drifting machine load hits both alike); each chunk's wall time is one latency sample.

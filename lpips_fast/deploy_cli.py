@@ -212,7 +212,7 @@ def add_commands(subparsers) -> None:
 
 # -- weights register (hooked into lpips_fast.weights.cli) ---------------------------------------
 def _cmd_register(args: argparse.Namespace) -> int:
-    from . import registry
+    from .weights import registry
 
     try:
         entry = registry.register(args.name, args.file, net=args.net, version=args.version, note=args.note or "")
@@ -247,7 +247,7 @@ def add_register_command(weights_subparsers) -> None:
 
 def registry_rows() -> list[dict]:
     """The named lin sets as ``weights list`` rows (kind 'lin-set'), each verified."""
-    from .registry import inventory
+    from .weights.registry import inventory
 
     return inventory()
 

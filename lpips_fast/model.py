@@ -77,7 +77,7 @@ class LPIPS(nn.Module):
 
     Arguments and defaults are the reference's (see its docstring), plus keyword-only
     ``trunk_path`` (explicit trunk weights), ``nonfinite`` ('raise' or 'propagate') and ``lin``
-    (a named, verified lin-weight set from ``lpips_fast.registry``: 'NAME' or 'NAME@N').
+    (a named, verified lin-weight set from ``lpips_fast.weights.registry``: 'NAME' or 'NAME@N').
     Inputs are (N,3,H,W) (or 1-channel) floats in [-1, 1], or [0, 1] with ``normalize=True``.
     Returns (N,1,1,1), or (N,1,H,W) with ``spatial=True``; ``retPerLayer=True`` returns
     ``(total, [per-layer])``.
@@ -150,10 +150,10 @@ class LPIPS(nn.Module):
             self.lins = nn.ModuleList(lins)
             if pretrained or lin is not None:
                 if lin is not None:
-                    # A named lin set (lpips_fast.registry): verified, checked against net/version.
+                    # A named lin set (lpips_fast.weights.registry): verified, checked against net/version.
                     if model_path is not None:
                         raise ValueError("lin: give either lin= (a registered set) or model_path=, not both")
-                    from .registry import lin_state_dict_for
+                    from .weights.registry import lin_state_dict_for
 
                     sd = lin_state_dict_for(lin, net_c, self.version)[0]
                 elif model_path is None:

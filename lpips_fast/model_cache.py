@@ -52,7 +52,7 @@ def _load_trunk(model, path: str) -> None:
 
 def _load_lin(model, path: str) -> None:
     if not os.path.isfile(path):  # a registered set (options.validate() checked it resolves)
-        from . import registry
+        from .weights import registry
 
         try:
             sd, _ = registry.lin_state_dict_for(path, model.pnet_type, model.version)

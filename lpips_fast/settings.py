@@ -89,7 +89,7 @@ def size_text(n: int) -> str:
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-# A registered lin set (``lpips_fast.registry``): NAME or NAME@N, and not a weights file name.
+# A registered lin set (``lpips_fast.weights.registry``): NAME or NAME@N, and not a weights file name.
 _REGISTERED_NAME = re.compile(r"(?![^@]*\.(?:safetensors|pth|pt|bin|ckpt)(?:@|$))[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:@\d+)?")
 
 

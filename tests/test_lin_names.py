@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import lpips_fast
-from lpips_fast import cli, registry
+from lpips_fast import cli
+from lpips_fast.weights import registry
 from lpips_fast.dataset.evaluate import evaluate_specs, pair_specs
 from lpips_fast.dataset.options import EvalOptions
 

@@ -319,7 +319,8 @@ def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
 def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from lpips_fast import registry, weights
+    from lpips_fast import weights
+    from lpips_fast.weights import registry
     from lpips_fast.inference.scorer import model_from_settings
     from lpips_fast.serve.app import ModelSpec, parse_model_spec
 

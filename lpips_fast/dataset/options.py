@@ -214,11 +214,11 @@ class EvalOptions:
 
 def lin_identity(lin: str) -> str:
     """What a ``lin`` option names: the absolute path of a weights file, or ``NAME@N sha256:...``
-    for a set in ``lpips_fast.registry`` (so a resumed run sees a re-registered name change).
+    for a set in ``lpips_fast.weights.registry`` (so a resumed run sees a re-registered name change).
     OptionError when it is neither."""
     if os.path.isfile(lin):
         return _abs(lin)
-    from .. import registry
+    from ..weights import registry
 
     try:
         entry = registry.resolve(os.fspath(lin))

@@ -679,7 +679,7 @@ def model_from_settings(model_settings: dict[str, Any], *, net: str | None = Non
     """The LPIPS module a ``[model]`` settings section describes (``settings.section("model")``).
 
     ``net``/``version``/``state_dict`` replace the section's; ``lin_set`` names a registered lin
-    set (``lpips_fast.registry``, ``NAME[@N]``) instead of the section's ``lin`` file.
+    set (``lpips_fast.weights.registry``, ``NAME[@N]``) instead of the section's ``lin`` file.
     """
     from ..model_cache import build_model
 

@@ -50,7 +50,7 @@ def _model(args):
     from ..model import LPIPS
 
     if args.lin is not None and not os.path.exists(args.lin):
-        # Not a file: a registered lin set (lpips_fast.registry), 'NAME' or 'NAME@N'.
+        # Not a file: a registered lin set (lpips_fast.weights.registry), 'NAME' or 'NAME@N'.
         return LPIPS(net=args.net, version=args.version, lin=args.lin)
     return LPIPS(net=args.net, version=args.version, model_path=args.lin, lpips=not args.baseline)
 
