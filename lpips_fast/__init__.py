@@ -35,8 +35,8 @@ _LAZY = {
     "score_2afc": "training",
     "score_jnd": "training",
     "train": "training",
-    "compare": "comparison",
-    "select_precision": "tune",
+    "compare": "deploy.comparison",
+    "select_precision": "deploy.tune",
 }
 
 __all__ = [

@@ -32,6 +32,10 @@ MOVED: dict[str, str] = {
     "lpips_fast.writers": "lpips_fast.dataset.writers",
     "lpips_fast.distributed": "lpips_fast.dataset.distributed",
     "lpips_fast.heatmap": "lpips_fast.dataset.heatmap",
+    "lpips_fast.export": "lpips_fast.deploy.export",
+    "lpips_fast.tune": "lpips_fast.deploy.tune",
+    "lpips_fast.comparison": "lpips_fast.deploy.comparison",
+    "lpips_fast.settings": "lpips_fast.deploy.settings",
 }
 
 

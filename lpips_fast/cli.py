@@ -68,7 +68,7 @@ def _common_parser() -> argparse.ArgumentParser:
     """The options every dataset command shares. Model and input options are settings (``[model]``,
     ``[eval]``, ``[log]`` in ``lpips_fast.settings``): a TOML file and ``LPIPS_FAST_*`` variables
     give their defaults, the flags here override them."""
-    from .settings import add_arguments, add_flag
+    from .deploy.settings import add_arguments, add_flag
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("settings (defaults < --config file < LPIPS_FAST_* environment < flags; `lpips-fast config show`)")
@@ -232,7 +232,7 @@ def _named(args, fn):
     """Run ``fn``; re-raise an OptionError naming the option as the user gave it: its flag, or its
     settings key and where the value came from (``eval.device from env LPIPS_FAST_EVAL_DEVICE``)."""
     from .errors import OptionError
-    from .settings import SCHEMA
+    from .deploy.settings import SCHEMA
 
     try:
         return fn()
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a parse error (2)
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     from .errors import OptionError
-    from .settings import SettingsError
+    from .deploy.settings import SettingsError
     from .dataset.writers import OutputWriteError
 
     try:
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _apply_settings(args) -> None:
     """``args.settings``: the layered settings of a dataset command (file < env < its flags); logging set up."""
-    from .settings import from_args
+    from .deploy.settings import from_args
     from .inference.telemetry import configure_logging
 
     args.settings = s = from_args(args)

@@ -83,7 +83,7 @@ def _usage_errors(fn):
 
 @_usage_errors
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export
+    from .deploy import export
 
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if not args.output.endswith(suffix):
@@ -120,7 +120,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # -- tune --------------------------------------------------------------------------------------
 @_usage_errors
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import PRECISIONS, select_precision
+    from .deploy.tune import PRECISIONS, select_precision
 
     cands = args.candidates or list(PRECISIONS)
     bad = [c for c in cands if c not in PRECISIONS]
@@ -145,7 +145,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from .comparison import Config, compare
+    from .deploy.comparison import Config, compare
 
     try:
         a, b = Config.parse(args.a), Config.parse(args.b)

@@ -310,7 +310,7 @@ class LPIPS(nn.Module):
             "LPIPS does not support torch.jit.script (its forward dispatches on Python-level "
             "settings and calls custom ops with list arguments). Supported: torch.jit.trace "
             "(the traced module loads after `import lpips_fast`), torch.compile, torch.export, "
-            "and lpips_fast.export (ONNX, AOTInductor)."
+            "and lpips_fast.deploy.export (ONNX, AOTInductor)."
         )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from lpips_fast import cli
 from lpips_fast.dataset.options import EvalOptions, default_workers
-from lpips_fast.settings import SettingsError, load_settings
+from lpips_fast.deploy.settings import SettingsError, load_settings
 from lpips_fast.dataset.writers import settings_path
 from test_data_helpers import make_flat_dir, reference_model, save_state_dict
 

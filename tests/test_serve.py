@@ -344,7 +344,7 @@ def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
 
 def test_split_routing_shares_and_errors(tmp_path):
     from lpips_fast.serve.app import check_arms
-    from lpips_fast.settings import SettingsError, load_settings
+    from lpips_fast.deploy.settings import SettingsError, load_settings
 
     keys = [f"u{i}" for i in range(4000)]
     share_a = sum(pick_arm(["a", "b"], [0.9, 0.1], k) == "a" for k in keys) / len(keys)
@@ -406,7 +406,7 @@ def test_timeout_and_concurrency_limits_in_process(models, tmp_path):
     import uvicorn
 
     from lpips_fast.serve.app import create_app
-    from lpips_fast.settings import load_settings
+    from lpips_fast.deploy.settings import load_settings
 
     flags = {"model.state_dict": (str(models["a"][1]), "--state-dict"), "scorer.max_delay_ms": ("20000", "--x"),
              "serve.request_timeout_s": ("2", "--x"), "serve.max_concurrency": ("1", "--x")}

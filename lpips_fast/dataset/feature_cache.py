@@ -93,9 +93,9 @@ def _corrupt_index(e: BaseException) -> bool:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.settings.parse_size``);
+    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.deploy.settings.parse_size``);
     ValueError unless a positive finite size."""
-    from ..settings import parse_size as parse_bytes
+    from ..deploy.settings import parse_size as parse_bytes
 
     if text is None:
         return None

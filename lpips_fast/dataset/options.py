@@ -118,7 +118,7 @@ class EvalOptions:
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "EvalOptions":
         """The options the ``[model]`` and ``[eval]`` sections of ``settings`` describe
-        (``lpips_fast.settings.load_settings()``; what the dataset commands read); ``overrides`` win.
+        (``lpips_fast.deploy.settings.load_settings()``; what the dataset commands read); ``overrides`` win.
 
         ``dtype`` auto is float32 and ``compile`` auto is off here (exact numbers by default);
         ``workers`` unset is ``default_workers()``; ``engine`` auto is None (on CUDA without a cache).

@@ -283,7 +283,7 @@ class Scorer:
     @classmethod
     def from_settings(cls, settings: Any, *, model: Any = None, **overrides: Any) -> "Scorer":
         """A Scorer configured by the ``[model]`` and ``[scorer]`` sections of ``settings``
-        (``lpips_fast.settings.load_settings()``); ``overrides`` win over both."""
+        (``lpips_fast.deploy.settings.load_settings()``); ``overrides`` win over both."""
         import torch
 
         m, sc = settings.section("model"), settings.section("scorer")

@@ -50,7 +50,7 @@ from typing import Any
 from fastapi import Request  # the serve extra; FastAPI resolves handler annotations from module globals
 
 from ..inference.scorer import InvalidInput, Overloaded, Scorer, model_from_settings
-from ..settings import Settings, SettingsError
+from ..deploy.settings import Settings, SettingsError
 from ..inference.telemetry import LATENCY_BUCKETS_S, LOGGER_NAME, Metrics, configure_logging, prometheus_collector
 
 __all__ = ["create_app", "run", "check_arms", "ModelSpec", "parse_model_spec", "pick_arm"]

@@ -325,7 +325,7 @@ for _name, _s in {
 
 
 def _check_resize(value: str) -> None:
-    from .dataset.data import parse_resize
+    from ..dataset.data import parse_resize
 
     try:
         parse_resize(value)

@@ -1,6 +1,6 @@
 """A/B comparison of two metric configurations on the same image pairs.
 
-    from lpips_fast import compare           # the function (module: lpips_fast.comparison)
+    from lpips_fast import compare           # the function (module: lpips_fast.deploy.comparison)
     rep = compare("net=alex,version=0.1", "net=alex,version=0.0", dirs=("out/", "gt/"))
     print(rep.markdown())
 
@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .model import LPIPS
-from .ops import lpips_distance
+from ..model import LPIPS
+from ..ops import lpips_distance
 
 __all__ = ["Config", "CompareReport", "compare", "read_pairs_file", "read_triplets_file", "pearson", "spearman", "kendall_tau_b"]
 
@@ -48,8 +48,8 @@ class Config:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from .model import canonical_version
-        from .nets import canonical_net_name
+        from ..model import canonical_version
+        from ..nets import canonical_net_name
 
         object.__setattr__(self, "net", canonical_net_name(self.net))
         object.__setattr__(self, "version", canonical_version(self.version))
@@ -213,7 +213,7 @@ def read_triplets_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 
 def _dir_pairs(dir0: str | os.PathLike, dir1: str | os.PathLike) -> list[tuple[str, str]]:
-    from .dataset.data import list_images
+    from ..dataset.data import list_images
 
     d0, d1 = Path(os.fspath(dir0)), Path(os.fspath(dir1))
     for d in (d0, d1):
@@ -316,7 +316,7 @@ class CompareReport:
 
 def _score_chunks(models, pairs, cfgs, batch_size: int) -> tuple[list[list], np.ndarray]:
     """Rows per model and per-chunk wall times (chunks alternate A, B, A, B...)."""
-    from .dataset.evaluate import evaluate_pairs
+    from ..dataset.evaluate import evaluate_pairs
 
     chunks = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
     rows: list[list] = [[] for _ in models]
