@@ -4,7 +4,7 @@
 ``sys.meta_path``: importing an old path emits a DeprecationWarning naming the new path and binds
 the old name to the new module itself (``sys.modules[old] is sys.modules[new]``), so attributes,
 ``monkeypatch``/``mock.patch`` through the old path and pickles that name the old path keep
-working. No file sits at an old path; the package itself never imports one
+working, and ``python -m OLD`` runs the new module. No file sits at an old path; the package itself never imports one
 (tests/test_architecture.py checks this).
 """
 
@@ -36,6 +36,10 @@ MOVED: dict[str, str] = {
     "lpips_fast.tune": "lpips_fast.deploy.tune",
     "lpips_fast.comparison": "lpips_fast.deploy.comparison",
     "lpips_fast.settings": "lpips_fast.deploy.settings",
+    "lpips_fast.deploy_cli": "lpips_fast.cli.deploy",
+    "lpips_fast.weights.cli": "lpips_fast.cli.weights",
+    "lpips_fast.serve.cli": "lpips_fast.cli.serve",
+    "lpips_fast.training.cli": "lpips_fast.cli.training",
 }
 
 
@@ -62,6 +66,12 @@ class _OldPathFinder:
         )
         # The import system returns whatever sys.modules holds under the name after exec_module.
         sys.modules[old] = importlib.import_module(new)
+
+    def get_code(self, fullname: str):
+        """For ``python -m OLD`` (runpy): run the new module as ``__main__``."""
+        new = MOVED[fullname]
+        warnings.warn(f"python -m {fullname} is deprecated; use python -m {new}", DeprecationWarning, stacklevel=2)
+        return compile(f"import runpy\nrunpy.run_module({new!r}, run_name='__main__', alter_sys=True)\n", fullname, "exec")
 
 
 def install() -> None:

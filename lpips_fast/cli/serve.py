@@ -48,7 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = from_args(args)
-        from .app import check_arms, run
+        from ..serve.app import check_arms, run
 
         check_arms(settings)
     except SettingsError as e:
