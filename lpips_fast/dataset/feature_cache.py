@@ -40,6 +40,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..model_cache import model_fingerprint
+
 __all__ = ["FeatureCache", "CacheProbe", "feature_key", "model_fingerprint", "parse_size", "entry_digest", "ORPHAN_AGE_S"]
 
 _SCHEMA = """
@@ -93,9 +95,9 @@ def _corrupt_index(e: BaseException) -> bool:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.deploy.settings.parse_size``);
+    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.sizes.parse_size``);
     ValueError unless a positive finite size."""
-    from ..deploy.settings import parse_size as parse_bytes
+    from ..sizes import parse_size as parse_bytes
 
     if text is None:
         return None
@@ -106,16 +108,6 @@ def parse_size(text: str | int | None) -> int | None:
     if value < 1:
         raise ValueError(f"size: got {text!r}, expected a positive finite size such as 10G or 500M")
     return value
-
-
-def model_fingerprint(model) -> str:
-    """Hash of what the trunk features depend on: trunk weights, net and the scaling version."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"{getattr(model, 'pnet_type', '')}|{getattr(model, 'version', '')}".encode())
-    for name, t in sorted(model.net.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def feature_key(digest: str, net: str, version: str, hw: Sequence[int], dtype, fingerprint: str = "") -> str:

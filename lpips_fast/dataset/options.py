@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
+from ..model_cache import lin_identity
 from ..paths import writable_dir
 
 __all__ = [
@@ -210,24 +211,6 @@ class EvalOptions:
         d = asdict(self)
         d.pop("model")
         return d
-
-
-def lin_identity(lin: str) -> str:
-    """What a ``lin`` option names: the absolute path of a weights file, or ``NAME@N sha256:...``
-    for a set in ``lpips_fast.weights.registry`` (so a resumed run sees a re-registered name change).
-    OptionError when it is neither."""
-    if os.path.isfile(lin):
-        return _abs(lin)
-    from ..weights import registry
-
-    try:
-        entry = registry.resolve(os.fspath(lin))
-    except Exception as e:
-        raise OptionError(
-            f"lin: {lin} is neither a weights file nor a registered lin set ({' '.join(str(e).split())[:200]}); "
-            "expected a .safetensors/.pth file or a name from `lpips-fast weights list`"
-        ) from None
-    return f"{entry.spec} sha256:{entry.sha256 or 'packaged'}"
 
 
 def _abs(path) -> str | None:

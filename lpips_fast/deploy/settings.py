@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..sizes import parse_size, size_text
+
 __all__ = [
     "add_arguments",
     "add_flag",
@@ -54,37 +56,6 @@ ENV_CONFIG = "LPIPS_FAST_CONFIG"
 
 class SettingsError(ValueError):
     """A bad or unknown setting; the message names the key, its source and what is allowed."""
-
-
-def parse_size(text: str | int | float) -> int:
-    """``'32M'``, ``'1G'``, ``'0.5G'``, ``'1e9'``, ``'500k'``, ``'1048576'`` -> bytes (powers of 1024;
-    an optional ``B``/``iB`` after the unit). ValueError unless a finite number; the sign is kept
-    (callers check the range)."""
-    if isinstance(text, bool):
-        raise ValueError(text)
-    if isinstance(text, int):
-        return text
-    if isinstance(text, float):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+\-]+?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
-        if not m:
-            raise ValueError(text)
-        try:
-            value = float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-        except ValueError:
-            raise ValueError(text) from None
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return int(value)
-
-
-def size_text(n: int) -> str:
-    """Bytes as ``parse_size`` reads them back: ``'10G'``, ``'32M'``, ``'1536'``."""
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("k", 10)):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
 
 
 _TRUE = {"1", "true", "yes", "on"}
