@@ -1,11 +1,13 @@
-"""Old module paths of lpips-fast that moved in 0.2, kept importable for one release.
+"""Old module paths of lpips-fast (before the package was split into layers), importable for one
+release.
 
 ``MOVED`` maps each old dotted path to its new one. ``install()`` puts one finder on
 ``sys.meta_path``: importing an old path emits a DeprecationWarning naming the new path and binds
 the old name to the new module itself (``sys.modules[old] is sys.modules[new]``), so attributes,
-``monkeypatch``/``mock.patch`` through the old path and pickles that name the old path keep
-working, and ``python -m OLD`` runs the new module. No file sits at an old path; the package itself never imports one
-(tests/test_architecture.py checks this).
+``monkeypatch``/``mock.patch`` through the old path and pickles naming the old path keep working,
+and ``python -m OLD`` runs the new module. One table instead of a re-export file per old path:
+no file sits at an old path, so the moves stay renames to git. The package itself never imports
+an old path (tests/test_architecture.py checks this).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class _OldPathFinder:
         old = module.__name__
         new = MOVED[old]
         warnings.warn(
-            f"{old} is deprecated and will be removed in lpips-fast 0.3; import {new} instead",
+            f"{old} is deprecated and will be removed in the next release; import {new} instead",
             DeprecationWarning,
             stacklevel=2,
         )
