@@ -210,26 +210,7 @@ class Setting:
                         raise bad()
             return tuple(items)
         if t in ("map", "weights"):
-            pairs = _split_pairs(value)
-            if pairs is None:
-                raise bad()
-            out: dict[str, Any] = {}
-            for name, v in pairs:
-                if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in out:
-                    raise bad(f" (name {name!r} is empty, repeated or has characters outside A-Z a-z 0-9 _ . -)")
-                if t == "weights":
-                    try:
-                        f = float(v) if not isinstance(v, bool) else None
-                    except (ValueError, TypeError):
-                        f = None
-                    if f is None or not math.isfinite(f) or f < 0:
-                        raise bad(f" (weight of {name!r}: {v!r})")
-                    out[name] = f
-                else:
-                    if not isinstance(v, str) or not v.strip():
-                        raise bad(f" (value of {name!r}: {v!r})")
-                    out[name] = v.strip()
-            return out
+            return _parse_named(value, t == "weights", bad)
         raise AssertionError(f"unknown setting type {t!r}")
 
     def _check_range(self, v: float, bad) -> None:
@@ -262,6 +243,30 @@ def _split_pairs(value: Any) -> list[tuple[str, Any]] | None:
             return None
         k, v = it.split("=", 1)
         out.append((k.strip(), v.strip()))
+    return out
+
+
+def _parse_named(value: Any, weights: bool, bad: Callable[..., SettingsError]) -> dict[str, Any]:
+    """A ``map`` (name -> non-empty text) or ``weights`` (name -> finite number >= 0) setting."""
+    pairs = _split_pairs(value)
+    if pairs is None:
+        raise bad()
+    out: dict[str, Any] = {}
+    for name, v in pairs:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in out:
+            raise bad(f" (name {name!r} is empty, repeated or has characters outside A-Z a-z 0-9 _ . -)")
+        if weights:
+            try:
+                f = float(v) if not isinstance(v, bool) else None
+            except (ValueError, TypeError):
+                f = None
+            if f is None or not math.isfinite(f) or f < 0:
+                raise bad(f" (weight of {name!r}: {v!r})")
+            out[name] = f
+        else:
+            if not isinstance(v, str) or not v.strip():
+                raise bad(f" (value of {name!r}: {v!r})")
+            out[name] = v.strip()
     return out
 
 
@@ -383,6 +388,7 @@ def _lookup(key: str, source: str) -> Setting:
 
 
 # -- the settings object -----------------------------------------------------------------------
+
 @dataclass
 class Settings:
     """Effective values (``settings['serve.port']``) and where each came from (``source(key)``)."""
