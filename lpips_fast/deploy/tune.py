@@ -283,6 +283,20 @@ def _run_all(score, a, b, bs: int) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def _pairs_to_score(pairs, references, size: tuple[int, int]):
+    """(in0, in1, reference id per pair) on the CPU in float32: ``pairs`` checked, or generated at
+    ``size``; without ``references``, pairs with bitwise-equal in0 share one."""
+    if pairs is None:
+        return generated_pairs(size, seed=0)
+    a, b = (t.detach().to("cpu", torch.float32) for t in pairs)
+    if a.dim() != 4 or a.shape != b.shape:
+        raise ValueError(f"pairs: expected two (N,3,H,W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if references is not None:
+        return a, b, np.asarray(references)
+    _, ref = np.unique(a.flatten(1).numpy(), axis=0, return_inverse=True)
+    return a, b, ref.reshape(-1)
+
+
 def select_precision(
     net: str = "alex",
     device: str | torch.device = "cpu",
@@ -312,17 +326,7 @@ def select_precision(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size!r}, expected a positive integer")
     base = (model if model is not None else LPIPS(net=net)).eval().requires_grad_(False).to("cpu")
-    if pairs is None:
-        a, b, ref = generated_pairs(size, seed=0)
-    else:
-        a, b = (t.detach().to("cpu", torch.float32) for t in pairs)
-        if a.dim() != 4 or a.shape != b.shape:
-            raise ValueError(f"pairs: expected two (N,3,H,W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-        if references is not None:
-            ref = np.asarray(references)
-        else:
-            _, ref = np.unique(a.flatten(1).numpy(), axis=0, return_inverse=True)
-            ref = ref.reshape(-1)
+    a, b, ref = _pairs_to_score(pairs, references, size)
     ca, cb, _ = generated_pairs(tuple(a.shape[2:]), levels=3, seed=1)  # calibration, not scored
     import copy
 
