@@ -339,6 +339,20 @@ def _score_chunks(models, pairs, cfgs, batch_size: int) -> tuple[list[list], np.
     return rows, times
 
 
+def _triplet_agreement(va: np.ndarray, vb: np.ndarray, n_main: int, t: int) -> tuple[float | None, int]:
+    """2AFC agreement of ``a`` and ``b`` over the ``t`` triplets scored after the ``n_main`` pairs
+    (``d(ref, p0)`` then ``d(ref, p1)``), and how many triplets both scored."""
+    if not t:
+        return None, 0
+    a0, a1 = va[n_main : n_main + t], va[n_main + t :]
+    b0, b1 = vb[n_main : n_main + t], vb[n_main + t :]
+    good = np.isfinite(a0) & np.isfinite(a1) & np.isfinite(b0) & np.isfinite(b1)
+    n_trip = int(good.sum())
+    if not n_trip:
+        return None, 0
+    return float((np.sign(a1 - a0)[good] == np.sign(b1 - b0)[good]).mean()), n_trip
+
+
 def compare(
     a: Config | str,
     b: Config | str,
@@ -387,15 +401,7 @@ def compare(
     order = np.argsort(-diff, kind="mergesort")[: max(0, top)]
     topd = [{"path0": plist[idx[i]][0], "path1": plist[idx[i]][1], "a": float(sa[i]), "b": float(sb[i])} for i in order]
 
-    agree, n_trip = None, 0
-    if tlist:
-        t = len(tlist)
-        a0, a1 = va[n_main : n_main + t], va[n_main + t :]
-        b0, b1 = vb[n_main : n_main + t], vb[n_main + t :]
-        good = np.isfinite(a0) & np.isfinite(a1) & np.isfinite(b0) & np.isfinite(b1)
-        n_trip = int(good.sum())
-        if n_trip:
-            agree = float((np.sign(a1 - a0)[good] == np.sign(b1 - b0)[good]).mean())
+    agree, n_trip = _triplet_agreement(va, vb, n_main, len(tlist))
 
     ta, tb = times[:, 0], times[:, 1]
     return CompareReport(
