@@ -135,7 +135,7 @@ def add_commands(subparsers) -> None:
                    help="also fail when these trunks are not in the cache")
     v.set_defaults(func=_cmd_verify)
 
-    from .deploy import add_register_command  # named lin sets (lpips_fast.registry)
+    from .deploy import add_register_command  # named lin sets (lpips_fast.weights.registry)
 
     add_register_command(sub)
 
