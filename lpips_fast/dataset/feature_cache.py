@@ -117,6 +117,36 @@ def feature_key(digest: str, net: str, version: str, hw: Sequence[int], dtype, f
     return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
 
 
+def _entries_by_shard(conn, keys: list[str]) -> dict[str, list[tuple[str, int, str | None]]]:
+    """The index rows of ``keys``: (key, layers, digest) per shard file."""
+    by_shard: dict[str, list[tuple[str, int, str | None]]] = {}
+    for lo in range(0, len(keys), 500):
+        part = keys[lo : lo + 500]
+        q = f"SELECT key, shard, nlayers, digest FROM entries WHERE key IN ({','.join('?' * len(part))})"
+        for k, shard, nl, dg in conn.execute(q, part):
+            by_shard.setdefault(shard, []).append((k, nl, dg))
+    return by_shard
+
+
+def _read_shard(path: str, items, found: dict, bad: list, stale: list) -> None:
+    """Read ``items`` from one shard into ``found``; keys failing their digest go to ``bad``, keys
+    written without one to ``stale``. Raises when the shard is missing or cannot be parsed."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for k, nl, dg in items:
+            try:
+                feats = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
+            except Exception:
+                feats = None
+            if dg is None or not dg.startswith(_DIGEST):
+                stale.append(k)  # written without a checksum: a silent miss, rewritten
+            elif feats is None or entry_digest(feats) != dg:
+                bad.append(k)
+            else:
+                found[k] = feats
+
+
 class FeatureCache:
     """Process-safe, size-bounded LRU store of per-image feature lists."""
 
@@ -253,36 +283,15 @@ class FeatureCache:
         return found
 
     def _read(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
-        from safetensors import safe_open
-
-        conn = self._connect()
-        by_shard: dict[str, list[tuple[str, int, str | None]]] = {}
-        for lo in range(0, len(keys), 500):
-            part = keys[lo : lo + 500]
-            q = f"SELECT key, shard, nlayers, digest FROM entries WHERE key IN ({','.join('?' * len(part))})"
-            for k, shard, nl, dg in conn.execute(q, part):
-                by_shard.setdefault(shard, []).append((k, nl, dg))
         found: dict[str, list[torch.Tensor]] = {}
         bad: list[str] = []
         bad_shards: list[str] = []
         gone: list[str] = []
         stale: list[str] = []
         used = []
-        for shard, items in by_shard.items():
-            path = os.path.join(self.shard_dir, shard)
+        for shard, items in _entries_by_shard(self._connect(), keys).items():
             try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    for k, nl, dg in items:
-                        try:
-                            feats = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
-                        except Exception:
-                            feats = None
-                        if dg is None or not dg.startswith(_DIGEST):
-                            stale.append(k)  # written without a checksum: a silent miss, rewritten
-                        elif feats is None or entry_digest(feats) != dg:
-                            bad.append(k)
-                        else:
-                            found[k] = feats
+                _read_shard(os.path.join(self.shard_dir, shard), items, found, bad, stale)
                 used.append(shard)
             except FileNotFoundError:  # evicted meanwhile, or deleted by hand: a miss; forget stale rows
                 gone.append(shard)
