@@ -4,7 +4,8 @@ Every import of every module counts, function-level (lazy) imports included; ``i
 blocks do not (they never run). The layer order is declared once, in ``LAYERS``; ARCHITECTURE.md
 says what each layer owns. Also checked: no module imports another module's private
 (``_underscore``) names or private modules from outside their package, the package never imports
-its own deprecated paths (``lpips_fast._moved.MOVED``), and every module belongs to a layer.
+its own deprecated paths (``lpips_fast._moved.MOVED``), every import names an existing module, and
+every module belongs to a layer.
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ def _moved() -> dict[str, str]:
 def test_every_module_has_a_layer():
     missing = [m for m in MODULES if m != FACADE and layer_of(m) is None]
     assert not missing, f"modules in no layer of tests/test_architecture.py LAYERS: {missing}"
+
+
+def test_every_imported_module_exists():
+    """A relative import that points nowhere (``from .writers import ...`` left in a module that
+    moved one folder down) fails here, not on the first run of the code path that imports it."""
+    moved = _moved()
+    bad = [
+        f"{MODULES[mod].relative_to(ROOT.parent)}:{line}: imports {target}, which is no module of the package"
+        for mod in MODULES
+        for line, target, _ in imports(mod)
+        if target not in MODULES and target not in moved
+    ]
+    assert not bad, "\n".join(dict.fromkeys(bad))
 
 
 def test_layers_import_only_downward():
