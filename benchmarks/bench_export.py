@@ -6,7 +6,7 @@ reference ``lpips`` 0.1.4, in one run, every result checked (1e-5) before it is 
 
 Providers (same random trunk and lin weights for all; timings do not depend on the values):
 ``reference`` (lpips 0.1.4), ``LPIPS`` (lpips_fast's module), ``onnxruntime`` (CPU provider, the
-graph of ``lpips_fast.export.onnx``: dynamic batch/H/W), ``aoti`` (``lpips_fast.export.aoti``:
+graph of ``lpips_fast.deploy.export.onnx``: dynamic batch/H/W), ``aoti`` (``lpips_fast.deploy.export.aoti``:
 dynamic batch, the size fixed, Inductor freezing). Rounds are interleaved (each round runs every
 provider once, the order rotated from round to round) and the median per provider is reported, so
 machine load drifts hit all alike. ONNX Runtime runs with thread spinning off
@@ -30,7 +30,7 @@ import warnings
 import torch
 
 import lpips_fast
-from lpips_fast import export
+from lpips_fast.deploy import export
 
 BATCH = {64: 16, 224: 4}
 

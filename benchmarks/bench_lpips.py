@@ -42,7 +42,7 @@ from gpu_check import (
     random_u8,
     sync,
 )
-from lpips_fast.engine import Engine, uint8_to_unit
+from lpips_fast.inference.engine import Engine, uint8_to_unit
 
 # (net, px, batch, mode): the CPU subset holds the CPU targets (+ squeeze for coverage).
 CPU_SUBSET = [

@@ -63,9 +63,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lpips_fast  # noqa: E402
-from lpips_fast.engine import Engine, uint8_to_unit  # noqa: E402
+from lpips_fast.inference.engine import Engine, uint8_to_unit  # noqa: E402
 from lpips_fast.ops import lpips_distance, lpips_distance_reference  # noqa: E402
-from lpips_fast.pipeline import PinnedPipeline  # noqa: E402
+from lpips_fast.inference.pipeline import PinnedPipeline  # noqa: E402
 
 NETS = ("alex", "vgg", "squeeze")
 NSYS_COMMAND = (
@@ -747,7 +747,7 @@ def _profile_overlap(fn) -> dict:
 
 _NVTX_SNIPPET = r"""
 import torch, lpips_fast
-from lpips_fast.engine import Engine
+from lpips_fast.inference.engine import Engine
 e = Engine(model=lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True), device="cuda", compile=False, cuda_graphs=False)
 x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, device="cuda")
 for _ in range(3):

@@ -12,28 +12,31 @@ from __future__ import annotations
 
 import importlib
 
+from . import _moved
 from .functional import clear_model_cache, lpips
 from .images import im2tensor, load_image, normalize_tensor, tensor2im
 from .model import LPIPS, NetLinLayer, ScalingLayer
 
 __version__ = "0.1.0"
 
+_moved.install()  # old module paths (lpips_fast.engine, ...) import with a DeprecationWarning
+
 # Heavier layers load on first use.
 _LAZY = {
-    "Engine": "engine",
-    "Scorer": "scorer",
-    "Overloaded": "scorer",
-    "InvalidInput": "scorer",
-    "all_pairs": "pairwise",
-    "evaluate_dirs": "evaluate",
-    "evaluate_ref": "evaluate",
-    "evaluate_pairs": "evaluate",
-    "EvalOptions": "options",
+    "Engine": "inference.engine",
+    "Scorer": "inference.scorer",
+    "Overloaded": "inference.scorer",
+    "InvalidInput": "inference.scorer",
+    "all_pairs": "dataset.pairwise",
+    "evaluate_dirs": "dataset.evaluate",
+    "evaluate_ref": "dataset.evaluate",
+    "evaluate_pairs": "dataset.evaluate",
+    "EvalOptions": "dataset.options",
     "score_2afc": "training",
     "score_jnd": "training",
     "train": "training",
-    "compare": "comparison",
-    "select_precision": "tune",
+    "compare": "deploy.comparison",
+    "select_precision": "deploy.tune",
 }
 
 __all__ = [

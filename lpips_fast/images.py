@@ -13,6 +13,33 @@ import torch
 
 __all__ = ["load_image", "im2tensor", "tensor2im", "normalize_tensor"]
 
+_ORIENTATION = 0x0112  # EXIF tag
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation (1..8) of a Pillow image, 1 when absent or unreadable.
+
+    Never decodes pixels: Pillow's ``getexif()`` on a PNG would load the whole image to look for an
+    ``eXIf`` chunk after the image data, so a PNG is only asked when its ``info`` already holds
+    EXIF (an ``eXIf`` chunk before the data, or any once the image is loaded).
+    """
+    if getattr(im, "format", None) == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        o = int(im.getexif().get(_ORIENTATION, 1))
+    except Exception:
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def upright(im):
+    """``im`` with its EXIF orientation applied (``ImageOps.exif_transpose``); itself when upright."""
+    if exif_orientation(im) == 1:
+        return im
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
+
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as an HxWx3 uint8 RGB array (grayscale and RGBA become RGB).
@@ -21,8 +48,6 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     OpenCV-based ``load_image`` does: a photo stored rotated with a tag loads upright.
     """
     from PIL import Image
-
-    from .data import upright
 
     with Image.open(path) as im:
         return np.asarray(upright(im).convert("RGB"), dtype=np.uint8).copy()

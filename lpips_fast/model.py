@@ -77,7 +77,7 @@ class LPIPS(nn.Module):
 
     Arguments and defaults are the reference's (see its docstring), plus keyword-only
     ``trunk_path`` (explicit trunk weights), ``nonfinite`` ('raise' or 'propagate') and ``lin``
-    (a named, verified lin-weight set from ``lpips_fast.registry``: 'NAME' or 'NAME@N').
+    (a named, verified lin-weight set from ``lpips_fast.weights.registry``: 'NAME' or 'NAME@N').
     Inputs are (N,3,H,W) (or 1-channel) floats in [-1, 1], or [0, 1] with ``normalize=True``.
     Returns (N,1,1,1), or (N,1,H,W) with ``spatial=True``; ``retPerLayer=True`` returns
     ``(total, [per-layer])``.
@@ -149,28 +149,32 @@ class LPIPS(nn.Module):
                 setattr(self, f"lin{k}", layer)
             self.lins = nn.ModuleList(lins)
             if pretrained or lin is not None:
-                if lin is not None:
-                    # A named lin set (lpips_fast.registry): verified, checked against net/version.
-                    if model_path is not None:
-                        raise ValueError("lin: give either lin= (a registered set) or model_path=, not both")
-                    from .registry import lin_state_dict_for
-
-                    sd = lin_state_dict_for(lin, net_c, self.version)[0]
-                elif model_path is None:
-                    from . import weights
-
-                    sd = weights.lin_state_dict(net_c, self.version)
-                    if verbose:
-                        print("Loading model from: packaged lpips v%s %s lin weights" % (self.version, net_c))
-                else:
-                    if verbose:
-                        print("Loading model from: %s" % model_path)
-                    sd = read_checkpoint(model_path)
+                sd = self._select_lin_weights(net_c, lin, model_path, verbose)
                 self._load_lin(sd, source=str(model_path or "packaged weights"))
         if eval_mode:
             self.eval()
 
     # -- weights -------------------------------------------------------------------------
+    def _select_lin_weights(self, net_c: str, lin: str | None, model_path, verbose: bool) -> Mapping[str, torch.Tensor]:
+        """The lin state dict to load: a named set (``lin=``), ``model_path``, or the packaged one."""
+        if lin is not None:
+            # A named lin set (lpips_fast.weights.registry): verified, checked against net/version.
+            if model_path is not None:
+                raise ValueError("lin: give either lin= (a registered set) or model_path=, not both")
+            from .weights.registry import lin_state_dict_for
+
+            return lin_state_dict_for(lin, net_c, self.version)[0]
+        if model_path is None:
+            from . import weights
+
+            sd = weights.lin_state_dict(net_c, self.version)
+            if verbose:
+                print("Loading model from: packaged lpips v%s %s lin weights" % (self.version, net_c))
+            return sd
+        if verbose:
+            print("Loading model from: %s" % model_path)
+        return read_checkpoint(model_path)
+
     def _load_lin(self, sd: Mapping[str, torch.Tensor], source: str) -> None:
         sd = dict(sd)
         if not any(k.startswith("lin") for k in sd):
@@ -310,7 +314,7 @@ class LPIPS(nn.Module):
             "LPIPS does not support torch.jit.script (its forward dispatches on Python-level "
             "settings and calls custom ops with list arguments). Supported: torch.jit.trace "
             "(the traced module loads after `import lpips_fast`), torch.compile, torch.export, "
-            "and lpips_fast.export (ONNX, AOTInductor)."
+            "and lpips_fast.deploy.export (ONNX, AOTInductor)."
         )
 
 

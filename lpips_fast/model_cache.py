@@ -9,14 +9,19 @@ on, including the size and modification time of the weight files.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
-from .options import EvalOptions, OptionError
+from .errors import OptionError
 
-__all__ = ["build_model", "shared_model", "model_fingerprint_cached", "clear"]
+if TYPE_CHECKING:
+    from .dataset.options import EvalOptions
+
+__all__ = ["build_model", "shared_model", "model_fingerprint", "model_fingerprint_cached", "lin_identity", "clear"]
 
 _models: dict[tuple, torch.nn.Module] = {}
 _fingerprints: dict[int, str] = {}
@@ -52,7 +57,7 @@ def _load_trunk(model, path: str) -> None:
 
 def _load_lin(model, path: str) -> None:
     if not os.path.isfile(path):  # a registered set (options.validate() checked it resolves)
-        from . import registry
+        from .weights import registry
 
         try:
             sd, _ = registry.lin_state_dict_for(path, model.pnet_type, model.version)
@@ -115,12 +120,28 @@ def build_model(
     return m.eval()
 
 
+def lin_identity(lin: str) -> str:
+    """What a ``lin`` option names: the absolute path of a weights file, or ``NAME@N sha256:...``
+    for a set in ``lpips_fast.weights.registry`` (so a resumed run sees a re-registered name change).
+    OptionError when it is neither."""
+    if os.path.isfile(lin):
+        return os.path.abspath(os.fspath(lin))
+    from .weights import registry
+
+    try:
+        entry = registry.resolve(os.fspath(lin))
+    except Exception as e:
+        raise OptionError(
+            f"lin: {lin} is neither a weights file nor a registered lin set ({' '.join(str(e).split())[:200]}); "
+            "expected a .safetensors/.pth file or a name from `lpips-fast weights list`"
+        ) from None
+    return f"{entry.spec} sha256:{entry.sha256 or 'packaged'}"
+
+
 def _file_key(path: str | None) -> tuple | None:
     if path is None:
         return None
     if not os.path.isfile(path):  # a registered lin set: its name, number and hash
-        from .options import lin_identity
-
         return (lin_identity(path),)
     st = os.stat(path)
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
@@ -170,10 +191,18 @@ def on_device(model, device: torch.device | None, dtype: torch.dtype):
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
-def model_fingerprint_cached(model) -> str:
-    """``feature_cache.model_fingerprint(model)``, computed once for the cached (frozen) models."""
-    from .feature_cache import model_fingerprint
+def model_fingerprint(model) -> str:
+    """Hash of what the trunk features depend on: trunk weights, net and the scaling version."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{getattr(model, 'pnet_type', '')}|{getattr(model, 'version', '')}".encode())
+    for name, t in sorted(model.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
+
+def model_fingerprint_cached(model) -> str:
+    """``model_fingerprint(model)``, computed once for the cached (frozen) models."""
     with _lock:
         frozen = any(m is model for m in _models.values())
         if frozen and id(model) in _fingerprints:

@@ -13,7 +13,7 @@ import torch
 
 import lpips_fast
 from lpips_fast import cli
-from lpips_fast.pairwise import sample_pairs
+from lpips_fast.dataset.pairwise import sample_pairs
 from test_data_helpers import distort, make_flat_dir, photos, reference_model, save_state_dict
 
 
@@ -154,7 +154,7 @@ def test_lpips_fast_all_pairs_is_the_function_after_importing_its_module():
     """The GEMM lives in ``lpips_fast.pairwise``; importing it leaves ``lpips_fast.all_pairs`` the function."""
     import importlib
 
-    mod = importlib.import_module("lpips_fast.pairwise")
+    mod = importlib.import_module("lpips_fast.dataset.pairwise")
     assert lpips_fast.all_pairs is mod.all_pairs
     x = torch.rand(2, 3, 40, 40) * 2 - 1
     ref, ours = reference_model()

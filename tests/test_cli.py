@@ -89,7 +89,7 @@ def test_dirs_rows_match_reference_and_errors_are_rows(world, tmp_path, capsys):
 
 
 def test_gray_and_rgba_become_rgb(world):
-    from lpips_fast.data import decode_file
+    from lpips_fast.dataset.data import decode_file
 
     for name in ("gray.png", "rgba.png"):
         d = decode_file(os.path.join(world["d0"], name))
@@ -196,7 +196,7 @@ def test_evaluate_api_matches_cli(world):
 
 
 def test_out_of_memory_halves_the_batch(world, tmp_path, capsys, monkeypatch):
-    from lpips_fast.features import FeatureSource as Session
+    from lpips_fast.dataset.features import FeatureSource as Session
 
     real = Session._trunk
     calls = []
@@ -238,7 +238,7 @@ def test_map_writes_heat_picture(world, tmp_path, capsys):
     assert m.shape == (48, 64) and (m >= 0).all()
     # the reference's spatial map on the same pixels
     import lpips
-    from lpips_fast.data import decode_file
+    from lpips_fast.dataset.data import decode_file
 
     import warnings
 
@@ -253,7 +253,7 @@ def test_map_writes_heat_picture(world, tmp_path, capsys):
 
 def test_engine_path_matches_and_halves_on_oom(world, tmp_path, capsys, monkeypatch):
     """--engine on (the CUDA default without a cache): Engine fed by PinnedPipeline, CPU here."""
-    from lpips_fast.engine import Engine
+    from lpips_fast.inference.engine import Engine
 
     base = str(tmp_path / "base.csv")
     run(world, "dirs", world["d0"], world["d1"], "-o", base, "--engine", "off")
@@ -284,7 +284,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         def isatty(self):
             return True
 
-    from lpips_fast.evaluate import progress_bar
+    from lpips_fast.dataset.evaluate import progress_bar
 
     fake = types.SimpleNamespace(main=True, args=types.SimpleNamespace(quiet=False))
 

@@ -73,7 +73,7 @@ def test_user_error_is_one_line_and_exit_2(w, monkeypatch, capsys, case, argv, s
              "EMPTY": w["empty"], "VGGLIN": w["vgg_lin"]}
     argv = [subst.get(a, a.replace("ROOT", w["root"])) for a in argv]
     if not builds:  # refused before any model is built or any image scored
-        from lpips_fast.features import FeatureSource
+        from lpips_fast.dataset.features import FeatureSource
 
         def forbidden(*a, **k):
             raise AssertionError("work started before the arguments were checked")
@@ -120,7 +120,7 @@ def test_non_utf8_file_names_keep_every_row(w, tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_disk_full_while_writing_is_one_line_not_a_traceback(w, monkeypatch, capsys):
-    import lpips_fast.writers as writers
+    import lpips_fast.dataset.writers as writers
 
     with pytest.raises(writers.OutputWriteError, match="No space left"):
         writers.RowWriter("/dev/full", "csv")

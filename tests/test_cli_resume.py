@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lpips_fast import cli
-from lpips_fast.writers import Row, RowWriter, read_existing
+from lpips_fast.dataset.writers import Row, RowWriter, read_existing
 from test_data_helpers import env, make_flat_dir, reference_model, save_state_dict
 
 
@@ -148,7 +148,7 @@ def test_output_problems_are_usage_errors(big, tmp_path, capsys):
 def test_bulk_stats_and_rows_equal_row_by_row(tmp_path):
     import numpy as np
 
-    from lpips_fast.writers import Stats
+    from lpips_fast.dataset.writers import Stats
 
     v = np.random.default_rng(0).random(1000)
     a, b = Stats(), Stats()

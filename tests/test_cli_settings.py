@@ -9,9 +9,9 @@ import os
 import pytest
 
 from lpips_fast import cli
-from lpips_fast.options import EvalOptions, default_workers
-from lpips_fast.settings import SettingsError, load_settings
-from lpips_fast.writers import settings_path
+from lpips_fast.dataset.options import EvalOptions, default_workers
+from lpips_fast.deploy.settings import SettingsError, load_settings
+from lpips_fast.dataset.writers import settings_path
 from test_data_helpers import make_flat_dir, reference_model, save_state_dict
 
 COMMON = ["--device", "cpu", "--workers", "0", "-q"]
@@ -103,7 +103,7 @@ def test_pyproject_found_upward(w, tmp_path, clean_env):
 
 
 def _refused(capsys, argv, monkeypatch) -> str:
-    from lpips_fast.features import FeatureSource
+    from lpips_fast.dataset.features import FeatureSource
 
     def forbidden(*a, **k):
         raise AssertionError("work started before the settings were checked")

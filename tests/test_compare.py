@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import lpips_fast
-from lpips_fast.comparison import Config, compare, kendall_tau_b, pearson, spearman
+from lpips_fast.deploy.comparison import Config, compare, kendall_tau_b, pearson, spearman
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
 

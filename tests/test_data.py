@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lpips_fast.data import (
+from lpips_fast.dataset.data import (
     PILLOW_MAX_IMAGE_PIXELS,
     ImageDataset,
     decode_bytes,

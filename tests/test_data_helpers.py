@@ -132,7 +132,7 @@ def ref_distance(ref, path0: str, path1: str) -> float:
     import lpips
     import torch
 
-    from lpips_fast.data import decode_file
+    from lpips_fast.dataset.data import decode_file
 
     a, b = decode_file(path0).array, decode_file(path1).array
     with torch.no_grad(), warnings.catch_warnings():

@@ -17,7 +17,7 @@ from PIL import Image
 
 import lpips_fast
 from lpips_fast import cli
-from lpips_fast.data import decode_file, list_images
+from lpips_fast.dataset.data import decode_file, list_images
 from test_data_helpers import env, make_flat_dir, photos, reference_model, save_state_dict
 
 
@@ -122,7 +122,7 @@ def test_fifo_socket_and_folder_named_png_are_error_rows(tmp_path, models, capsy
 
 _WORKER_SCRIPT = """
 import os, sys, time
-from lpips_fast.data import iter_windows
+from lpips_fast.dataset.data import iter_windows
 
 class Slow:
     def __len__(self):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lpips_fast import cli
-from lpips_fast.distributed import DistContext, shard, windows_per_rank
+from lpips_fast.dataset.distributed import DistContext, shard, windows_per_rank
 from test_data_helpers import env, make_dirs, make_flat_dir, reference_model, save_state_dict
 
 
@@ -99,7 +99,7 @@ def test_torchrun_allpairs_equal_one(world, tmp_path):
 _API_SCRIPT = """
 import json, os, sys
 import lpips_fast
-from lpips_fast.evaluate import build_model
+from lpips_fast.dataset.evaluate import build_model
 m = build_model(state_dict=sys.argv[3])
 rows = lpips_fast.evaluate_dirs(sys.argv[1], sys.argv[2], model=m, device="cpu", batch_size=2, distributed=True)
 with open(sys.argv[4] + os.environ["RANK"], "w") as f:
@@ -111,7 +111,7 @@ def test_evaluate_api_under_torchrun(world, tmp_path):
     import json
 
     import lpips_fast
-    from lpips_fast.evaluate import build_model
+    from lpips_fast.dataset.evaluate import build_model
 
     script = tmp_path / "api.py"
     script.write_text(_API_SCRIPT)

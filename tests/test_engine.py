@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lpips_fast
-from lpips_fast.engine import Engine, _Graph, uint8_to_unit
+from lpips_fast.inference.engine import Engine, _Graph, uint8_to_unit
 
 
 def _model(net="alex", spatial=False, seed=0):
@@ -298,7 +298,7 @@ def test_channels_last_module_forced_to_nchw(alex):
 
 
 def test_precision_names_from_tune_set_dtype_and_layout():
-    from lpips_fast.engine import ENGINE_PRECISIONS, precision_settings
+    from lpips_fast.inference.engine import ENGINE_PRECISIONS, precision_settings
 
     model = lpips_fast.LPIPS(pretrained=False, net="alex", pnet_rand=True)
     e = Engine(model=model, device="cpu", precision="bf16-nchw")

@@ -8,8 +8,8 @@ import pytest
 
 import lpips_fast
 from lpips_fast import model_cache
-from lpips_fast.evaluate import dir_specs, evaluate_specs
-from lpips_fast.options import EvalOptions, OptionError
+from lpips_fast.dataset.evaluate import dir_specs, evaluate_specs
+from lpips_fast.dataset.options import EvalOptions, OptionError
 from test_data_helpers import distort, make_flat_dir, photos, reference_model, save_state_dict
 
 
@@ -48,7 +48,7 @@ def test_repeated_calls_reuse_one_model(w, monkeypatch):
 
 def test_public_functions_build_the_options_object(w, monkeypatch):
     seen = []
-    import lpips_fast.evaluate as ev
+    import lpips_fast.dataset.evaluate as ev
 
     real = ev.evaluate_specs
     monkeypatch.setattr(ev, "evaluate_specs", lambda specs, options, **k: seen.append(options) or real(specs, options, **k))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lpips_fast
-from lpips_fast import export
+from lpips_fast.deploy import export
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -11,7 +11,7 @@ import torch
 
 import lpips_fast
 from lpips_fast import cli
-from lpips_fast.feature_cache import FeatureCache, feature_key, parse_size
+from lpips_fast.dataset.feature_cache import FeatureCache, feature_key, parse_size
 from test_data_helpers import make_dirs, reference_model, save_state_dict
 
 
@@ -30,7 +30,7 @@ def _count_trunk(model):
 
 
 def test_second_run_skips_the_trunk(world, tmp_path, monkeypatch):
-    import lpips_fast.data as data
+    import lpips_fast.dataset.data as data
 
     decodes = []
     real_decode = data.decode_bytes
@@ -96,7 +96,7 @@ def test_cli_cache_hits_in_summary(world, tmp_path, capsys):
 
 
 def test_key_depends_on_trunk_dtype_size_and_version(world):
-    from lpips_fast.feature_cache import model_fingerprint
+    from lpips_fast.dataset.feature_cache import model_fingerprint
 
     _, other = reference_model()
     fp = model_fingerprint(world["ours"])

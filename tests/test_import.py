@@ -30,5 +30,5 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     mods = eval(out.stdout)
-    for heavy in ("lpips_fast.engine", "lpips_fast.cli", "lpips_fast.pairwise", "lpips_fast.evaluate"):
+    for heavy in ("lpips_fast.inference.engine", "lpips_fast.cli", "lpips_fast.dataset.pairwise", "lpips_fast.dataset.evaluate"):
         assert heavy not in mods

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 import lpips_fast
-from lpips_fast import cli, registry
-from lpips_fast.evaluate import evaluate_specs, pair_specs
-from lpips_fast.options import EvalOptions
+from lpips_fast import cli
+from lpips_fast.weights import registry
+from lpips_fast.dataset.evaluate import evaluate_specs, pair_specs
+from lpips_fast.dataset.options import EvalOptions
 
 ALEX = (64, 192, 384, 256, 256)
 PAIR = ("examples/clean/cat.png", "examples/distorted/cat.png")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lpips_fast
-from lpips_fast.engine import Engine, uint8_to_unit
-from lpips_fast.pipeline import PinnedPipeline
+from lpips_fast.inference.engine import Engine, uint8_to_unit
+from lpips_fast.inference.pipeline import PinnedPipeline
 
 
 @pytest.fixture(scope="module")

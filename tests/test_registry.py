@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import lpips_fast
-from lpips_fast import registry
+from lpips_fast.weights import registry
 from lpips_fast.weights import WeightsIntegrityError, WeightsNotFoundError, lin_state_dict
 
 ALEX = (64, 192, 384, 256, 256)

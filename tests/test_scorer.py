@@ -254,7 +254,7 @@ def test_argument_errors_name_the_argument(model):
 
 
 def test_from_settings_reads_model_and_scorer_sections(tmp_path):
-    from lpips_fast.settings import load_settings
+    from lpips_fast.deploy.settings import load_settings
 
     flags = {"model.random_trunk": ("true", "--set"), "model.seed": ("3", "--set"),
              "scorer.devices": ("cpu,cpu", "--device"), "scorer.max_batch": ("8", "--max-batch")}

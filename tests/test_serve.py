@@ -257,8 +257,9 @@ def test_sigterm_drains_requests_in_flight_and_auth(models, tmp_path):
 def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from lpips_fast import registry, weights
-    from lpips_fast.scorer import model_from_settings
+    from lpips_fast import weights
+    from lpips_fast.weights import registry
+    from lpips_fast.inference.scorer import model_from_settings
     from lpips_fast.serve.app import ModelSpec, parse_model_spec
 
     assert parse_model_spec("alex") == ModelSpec("alex", "0.1")
@@ -281,7 +282,7 @@ def test_model_specs_include_registered_lin_sets(tmp_path, monkeypatch):
 
 def test_split_routing_shares_and_errors(tmp_path):
     from lpips_fast.serve.app import check_arms
-    from lpips_fast.settings import SettingsError, load_settings
+    from lpips_fast.deploy.settings import SettingsError, load_settings
 
     keys = [f"u{i}" for i in range(4000)]
     share_a = sum(pick_arm(["a", "b"], [0.9, 0.1], k) == "a" for k in keys) / len(keys)
@@ -343,7 +344,7 @@ def test_timeout_and_concurrency_limits_in_process(models, tmp_path):
     import uvicorn
 
     from lpips_fast.serve.app import create_app
-    from lpips_fast.settings import load_settings
+    from lpips_fast.deploy.settings import load_settings
 
     flags = {"model.state_dict": (str(models["a"][1]), "--state-dict"), "scorer.max_delay_ms": ("20000", "--x"),
              "serve.request_timeout_s": ("2", "--x"), "serve.max_concurrency": ("1", "--x")}

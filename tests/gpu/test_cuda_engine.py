@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import lpips_fast
-from lpips_fast.engine import Engine, uint8_to_unit
+from lpips_fast.inference.engine import Engine, uint8_to_unit
 from lpips_fast.ops import lpips_distance_reference
-from lpips_fast.pipeline import PinnedPipeline
+from lpips_fast.inference.pipeline import PinnedPipeline
 
 pytestmark = pytest.mark.cuda
 

@@ -80,7 +80,7 @@ class FeatureSource:
         compile: bool = False,
         fingerprint: str | None = None,
     ):
-        from .nets import canonical_net_name
+        from ..nets import canonical_net_name
 
         self.model = model
         self.device = next(model.parameters()).device
@@ -114,7 +114,7 @@ class FeatureSource:
         else the CPU), with the model shared across calls (``model_cache.shared_model``)."""
         import os
 
-        from .model_cache import model_fingerprint_cached, shared_model
+        from ..model_cache import model_fingerprint_cached, shared_model
 
         dtype = parse_dtype(options.dtype)
         if device is None:
@@ -275,8 +275,8 @@ class FeatureSource:
 
     def _pipeline(self):
         if self._pipe is None:
-            from .engine import Engine
-            from .pipeline import PinnedPipeline
+            from ..inference.engine import Engine
+            from ..inference.pipeline import PinnedPipeline
 
             eng = Engine(model=self.model, device=self.device, dtype=self.dtype, compile=self.compile, batch_size=self.batch_size)
             self._pipe = PinnedPipeline(eng, slots=3)

@@ -159,6 +159,26 @@ class _Worker:
     wake: threading.Condition | None = None  # over the scorer's lock: "your inbox has a batch"
 
 
+def _engines_for(net, devices, model, version, dtype, compile, normalize, lpips_kwargs) -> list:
+    """One ``Engine`` per device over one model (``model``, else ``LPIPS(net, version, **lpips_kwargs)``);
+    ``devices`` None: every CUDA device, else the CPU."""
+    from .engine import Engine
+    from ..model import LPIPS
+
+    if devices is None:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    if isinstance(devices, (str, torch.device)):
+        raise TypeError(f"devices: expected a list such as ['cpu'] or ['cuda:0', 'cuda:1'], got {devices!r}")
+    if len(devices) == 0:
+        raise ValueError("devices: got an empty list, expected at least one device")
+    if model is None:
+        model = LPIPS(net=net, version=version, **lpips_kwargs)
+    elif lpips_kwargs:
+        raise TypeError(f"Scorer: got both model= and LPIPS arguments {sorted(lpips_kwargs)}")
+    return [Engine(model=model, device=d, dtype=dtype, compile=compile, normalize=normalize) for d in devices]
+
+
 class Scorer:
     """Dynamic batching of single-pair LPIPS requests onto one ``Engine`` per device.
 
@@ -222,23 +242,7 @@ class Scorer:
         self._metric_labels = {"model": name} if metric_labels is None else dict(metric_labels)
 
         if engines is None:
-            from .engine import Engine
-            from .model import LPIPS
-
-            if devices is None:
-                n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-                devices = [f"cuda:{i}" for i in range(n)] or ["cpu"]
-            if isinstance(devices, (str, torch.device)):
-                raise TypeError(f"devices: expected a list such as ['cpu'] or ['cuda:0', 'cuda:1'], got {devices!r}")
-            if len(devices) == 0:
-                raise ValueError("devices: got an empty list, expected at least one device")
-            if model is None:
-                model = LPIPS(net=net, version=version, **lpips_kwargs)
-            elif lpips_kwargs:
-                raise TypeError(f"Scorer: got both model= and LPIPS arguments {sorted(lpips_kwargs)}")
-            engines = [
-                Engine(model=model, device=d, dtype=dtype, compile=compile, normalize=self.normalize) for d in devices
-            ]
+            engines = _engines_for(net, devices, model, version, dtype, compile, self.normalize, lpips_kwargs)
         elif not engines:
             raise ValueError("engines: got an empty list, expected at least one engine")
         self.model = engines[0].model
@@ -283,7 +287,7 @@ class Scorer:
     @classmethod
     def from_settings(cls, settings: Any, *, model: Any = None, **overrides: Any) -> "Scorer":
         """A Scorer configured by the ``[model]`` and ``[scorer]`` sections of ``settings``
-        (``lpips_fast.settings.load_settings()``); ``overrides`` win over both."""
+        (``lpips_fast.deploy.settings.load_settings()``); ``overrides`` win over both."""
         import torch
 
         m, sc = settings.section("model"), settings.section("scorer")
@@ -679,14 +683,14 @@ def model_from_settings(model_settings: dict[str, Any], *, net: str | None = Non
     """The LPIPS module a ``[model]`` settings section describes (``settings.section("model")``).
 
     ``net``/``version``/``state_dict`` replace the section's; ``lin_set`` names a registered lin
-    set (``lpips_fast.registry``, ``NAME[@N]``) instead of the section's ``lin`` file.
+    set (``lpips_fast.weights.registry``, ``NAME[@N]``) instead of the section's ``lin`` file.
     """
-    from .model_cache import build_model
+    from ..model_cache import build_model
 
     net = net or model_settings["net"]
     version = version or model_settings["version"]
     if lin_set is not None:
-        from .model import LPIPS
+        from ..model import LPIPS
 
         if model_settings["random_trunk"]:
             torch.manual_seed(model_settings["seed"])

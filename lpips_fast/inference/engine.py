@@ -33,14 +33,14 @@ from typing import Any, Callable
 
 import torch
 
-from .model import LPIPS, identical_pairs
-from .nets import canonical_net_name
-from .profiling import nvtx_range
+from ..model import LPIPS, identical_pairs
+from ..nets import canonical_net_name
+from ..profiling import nvtx_range
 
 __all__ = ["Engine", "uint8_to_unit", "PRECISIONS", "ENGINE_PRECISIONS", "precision_settings"]
 
 #: Precision names as ``lpips-fast tune`` reports them. The Engine runs the first six; 'aoti'
-#: (``lpips_fast.export.aoti``) and 'int8' (``tune``'s quantised trunk) are other runtimes.
+#: (``lpips_fast.deploy.export.aoti``) and 'int8' (``tune``'s quantised trunk) are other runtimes.
 PRECISIONS = ("fp32", "fp32-nchw", "bf16", "bf16-nchw", "fp16", "fp16-nchw", "aoti", "int8")
 ENGINE_PRECISIONS = PRECISIONS[:6]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +52,7 @@ def precision_settings(precision: str) -> dict:
         raise ValueError(f"precision: got {precision!r}, expected one of {PRECISIONS}")
     if precision not in ENGINE_PRECISIONS:
         raise ValueError(
-            f"precision: {precision!r} is not an Engine setting; use lpips_fast.export.aoti (aoti) or "
+            f"precision: {precision!r} is not an Engine setting; use lpips_fast.deploy.export.aoti (aoti) or "
             "select_precision's int8 trunk (int8)"
         )
     dtype, _, layout = precision.partition("-")

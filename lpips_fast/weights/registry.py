@@ -33,8 +33,8 @@ from typing import Mapping
 
 import torch
 
-from .nets import TRUNK_CHANNELS, canonical_net_name
-from .weights import WeightsIntegrityError, WeightsNotFoundError, cache_dir, canonical_version, lin_state_dict
+from ..nets import TRUNK_CHANNELS, canonical_net_name
+from . import WeightsIntegrityError, WeightsNotFoundError, cache_dir, canonical_version, lin_state_dict
 
 __all__ = [
     "LinSet",
@@ -85,7 +85,7 @@ def models_dir() -> Path:
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     """The weights package's one reader (safetensors, or ``torch.load(weights_only=True)``), with
     the failure said in one ValueError naming the file."""
-    from .weights import read_checkpoint
+    from . import read_checkpoint
 
     try:
         return read_checkpoint(path)

@@ -10,7 +10,7 @@ Candidates (one row each; a row the stack cannot run says why instead of a numbe
 - ``fp32``, ``fp32-nchw``: ``Engine`` in float32 with a channels_last / NCHW trunk;
 - ``bf16``, ``bf16-nchw``, ``fp16``, ``fp16-nchw``: ``Engine`` with a low-precision trunk (the
   distance accumulates in fp32);
-- ``aoti``: the ``torch.export`` + AOTInductor package of ``lpips_fast.export.aoti`` (CPU);
+- ``aoti``: the ``torch.export`` + AOTInductor package of ``lpips_fast.deploy.export.aoti`` (CPU);
 - ``int8``: static post-training quantization of the trunk (``torch.ao.quantization`` FX graph
   mode, x86 backend, per-channel weights, calibrated on generated distortions disjoint from the
   evaluation pairs); CPU only.
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from .comparison import spearman
-from .engine import PRECISIONS, precision_settings
-from .model import LPIPS
+from ..inference.engine import PRECISIONS, precision_settings
+from ..model import LPIPS
 
 __all__ = ["select_precision", "TuneReport", "TuneRow", "engine_kwargs", "PRECISIONS", "DEFAULT_BUDGET", "generated_pairs"]
 
@@ -122,7 +122,7 @@ def generated_pairs(size: tuple[int, int] = (64, 64), levels: int = 6, seed: int
     (N,) index of each pair's reference photo (pairs with one reference form 2AFC triplets)."""
     from PIL import Image, ImageFilter
 
-    root = Path(__file__).resolve().parent.parent / "examples" / "clean"
+    root = Path(__file__).resolve().parents[2] / "examples" / "clean"
     photos = sorted(root.glob("*.png"))
     if not photos:
         raise FileNotFoundError(f"generated_pairs: no photographs under {root}; pass pairs= explicitly")
@@ -203,7 +203,7 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 # -- candidates: each returns (score(a, b) -> (N,) tensor, model_bytes) ----------------------
 def _engine_candidate(base: LPIPS, device: torch.device, name: str, _calib):
-    from .engine import Engine
+    from ..inference.engine import Engine
 
     kw = engine_kwargs(name)
     eng = Engine(model=base, device=device, compile=False, **kw)
@@ -217,7 +217,7 @@ def _engine_candidate(base: LPIPS, device: torch.device, name: str, _calib):
 
 def _aoti_candidate(base: LPIPS, device: torch.device, _name: str, calib):
     if device.type != "cpu":
-        raise _Unsupported("lpips_fast.export.aoti compiles for the CPU")
+        raise _Unsupported("lpips_fast.deploy.export.aoti compiles for the CPU")
     from .export import aoti
 
     a, b = calib
@@ -283,6 +283,20 @@ def _run_all(score, a, b, bs: int) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def _pairs_to_score(pairs, references, size: tuple[int, int]):
+    """(in0, in1, reference id per pair) on the CPU in float32: ``pairs`` checked, or generated at
+    ``size``; without ``references``, pairs with bitwise-equal in0 share one."""
+    if pairs is None:
+        return generated_pairs(size, seed=0)
+    a, b = (t.detach().to("cpu", torch.float32) for t in pairs)
+    if a.dim() != 4 or a.shape != b.shape:
+        raise ValueError(f"pairs: expected two (N,3,H,W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if references is not None:
+        return a, b, np.asarray(references)
+    _, ref = np.unique(a.flatten(1).numpy(), axis=0, return_inverse=True)
+    return a, b, ref.reshape(-1)
+
+
 def select_precision(
     net: str = "alex",
     device: str | torch.device = "cpu",
@@ -312,17 +326,7 @@ def select_precision(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size!r}, expected a positive integer")
     base = (model if model is not None else LPIPS(net=net)).eval().requires_grad_(False).to("cpu")
-    if pairs is None:
-        a, b, ref = generated_pairs(size, seed=0)
-    else:
-        a, b = (t.detach().to("cpu", torch.float32) for t in pairs)
-        if a.dim() != 4 or a.shape != b.shape:
-            raise ValueError(f"pairs: expected two (N,3,H,W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-        if references is not None:
-            ref = np.asarray(references)
-        else:
-            _, ref = np.unique(a.flatten(1).numpy(), axis=0, return_inverse=True)
-            ref = ref.reshape(-1)
+    a, b, ref = _pairs_to_score(pairs, references, size)
     ca, cb, _ = generated_pairs(tuple(a.shape[2:]), levels=3, seed=1)  # calibration, not scored
     import copy
 

@@ -40,6 +40,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..model_cache import model_fingerprint
+
 __all__ = ["FeatureCache", "CacheProbe", "feature_key", "model_fingerprint", "parse_size", "entry_digest", "ORPHAN_AGE_S"]
 
 _SCHEMA = """
@@ -93,9 +95,9 @@ def _corrupt_index(e: BaseException) -> bool:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.settings.parse_size``);
+    """``"10G"``, ``"500M"``, ``"1e9"``, ``"123456"`` -> bytes (``lpips_fast.sizes.parse_size``);
     ValueError unless a positive finite size."""
-    from .settings import parse_size as parse_bytes
+    from ..sizes import parse_size as parse_bytes
 
     if text is None:
         return None
@@ -108,21 +110,41 @@ def parse_size(text: str | int | None) -> int | None:
     return value
 
 
-def model_fingerprint(model) -> str:
-    """Hash of what the trunk features depend on: trunk weights, net and the scaling version."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"{getattr(model, 'pnet_type', '')}|{getattr(model, 'version', '')}".encode())
-    for name, t in sorted(model.net.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def feature_key(digest: str, net: str, version: str, hw: Sequence[int], dtype, fingerprint: str = "") -> str:
     """The cache key of one image's features (a hex string)."""
     dt = str(dtype).replace("torch.", "")
     raw = f"{digest}|{net}|{version}|{int(hw[0])}x{int(hw[1])}|{dt}|{fingerprint}"
     return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+
+
+def _entries_by_shard(conn, keys: list[str]) -> dict[str, list[tuple[str, int, str | None]]]:
+    """The index rows of ``keys``: (key, layers, digest) per shard file."""
+    by_shard: dict[str, list[tuple[str, int, str | None]]] = {}
+    for lo in range(0, len(keys), 500):
+        part = keys[lo : lo + 500]
+        q = f"SELECT key, shard, nlayers, digest FROM entries WHERE key IN ({','.join('?' * len(part))})"
+        for k, shard, nl, dg in conn.execute(q, part):
+            by_shard.setdefault(shard, []).append((k, nl, dg))
+    return by_shard
+
+
+def _read_shard(path: str, items, found: dict, bad: list, stale: list) -> None:
+    """Read ``items`` from one shard into ``found``; keys failing their digest go to ``bad``, keys
+    written without one to ``stale``. Raises when the shard is missing or cannot be parsed."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for k, nl, dg in items:
+            try:
+                feats = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
+            except Exception:
+                feats = None
+            if dg is None or not dg.startswith(_DIGEST):
+                stale.append(k)  # written without a checksum: a silent miss, rewritten
+            elif feats is None or entry_digest(feats) != dg:
+                bad.append(k)
+            else:
+                found[k] = feats
 
 
 class FeatureCache:
@@ -261,36 +283,15 @@ class FeatureCache:
         return found
 
     def _read(self, keys: list[str]) -> dict[str, list[torch.Tensor]]:
-        from safetensors import safe_open
-
-        conn = self._connect()
-        by_shard: dict[str, list[tuple[str, int, str | None]]] = {}
-        for lo in range(0, len(keys), 500):
-            part = keys[lo : lo + 500]
-            q = f"SELECT key, shard, nlayers, digest FROM entries WHERE key IN ({','.join('?' * len(part))})"
-            for k, shard, nl, dg in conn.execute(q, part):
-                by_shard.setdefault(shard, []).append((k, nl, dg))
         found: dict[str, list[torch.Tensor]] = {}
         bad: list[str] = []
         bad_shards: list[str] = []
         gone: list[str] = []
         stale: list[str] = []
         used = []
-        for shard, items in by_shard.items():
-            path = os.path.join(self.shard_dir, shard)
+        for shard, items in _entries_by_shard(self._connect(), keys).items():
             try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    for k, nl, dg in items:
-                        try:
-                            feats = [f.get_tensor(f"{k}.{i}") for i in range(nl)]
-                        except Exception:
-                            feats = None
-                        if dg is None or not dg.startswith(_DIGEST):
-                            stale.append(k)  # written without a checksum: a silent miss, rewritten
-                        elif feats is None or entry_digest(feats) != dg:
-                            bad.append(k)
-                        else:
-                            found[k] = feats
+                _read_shard(os.path.join(self.shard_dir, shard), items, found, bad, stale)
                 used.append(shard)
             except FileNotFoundError:  # evicted meanwhile, or deleted by hand: a miss; forget stale rows
                 gone.append(shard)

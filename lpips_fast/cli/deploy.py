@@ -47,7 +47,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _build_model(args, spatial: bool = False):
     import torch
 
-    from .model import LPIPS
+    from ..model import LPIPS
 
     kwargs = {"net": args.net, "version": args.version, "spatial": spatial}
     if args.lin is not None:
@@ -83,7 +83,7 @@ def _usage_errors(fn):
 
 @_usage_errors
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export
+    from ..deploy import export
 
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if not args.output.endswith(suffix):
@@ -132,7 +132,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # -- tune --------------------------------------------------------------------------------------
 @_usage_errors
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import PRECISIONS, select_precision
+    from ..deploy.tune import PRECISIONS, select_precision
 
     cands = args.candidates or list(PRECISIONS)
     bad = [c for c in cands if c not in PRECISIONS]
@@ -157,7 +157,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from .comparison import Config, compare
+    from ..deploy.comparison import Config, compare
 
     try:
         a, b = Config.parse(args.a), Config.parse(args.b)
@@ -224,9 +224,9 @@ def add_commands(subparsers) -> None:
     _add_tune(subparsers)
 
 
-# -- weights register (hooked into lpips_fast.weights.cli) ---------------------------------------
+# -- weights register (hooked into lpips_fast.cli.weights) ---------------------------------------
 def _cmd_register(args: argparse.Namespace) -> int:
-    from . import registry
+    from ..weights import registry
 
     try:
         entry = registry.register(args.name, args.file, net=args.net, version=args.version, note=args.note or "")
@@ -261,7 +261,7 @@ def add_register_command(weights_subparsers) -> None:
 
 def registry_rows() -> list[dict]:
     """The named lin sets as ``weights list`` rows (kind 'lin-set'), each verified."""
-    from .registry import inventory
+    from ..weights.registry import inventory
 
     return inventory()
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from ..cli import nonneg_int, positive_int
+from . import nonneg_int, positive_int
 
 __all__ = ["add_commands"]
 
@@ -50,15 +50,15 @@ def _model(args):
     from ..model import LPIPS
 
     if args.lin is not None and not os.path.exists(args.lin):
-        # Not a file: a registered lin set (lpips_fast.registry), 'NAME' or 'NAME@N'.
+        # Not a file: a registered lin set (lpips_fast.weights.registry), 'NAME' or 'NAME@N'.
         return LPIPS(net=args.net, version=args.version, lin=args.lin)
     return LPIPS(net=args.net, version=args.version, model_path=args.lin, lpips=not args.baseline)
 
 
 # -- eval ------------------------------------------------------------------------------------
 def _cmd_eval(args) -> int:
-    from .bapps import BappsError
-    from .scores import score_table
+    from ..training.bapps import BappsError
+    from ..training.scores import score_table
 
     cmd = f"eval {args.mode}"
     try:
@@ -87,8 +87,8 @@ def _cmd_eval(args) -> int:
 
 # -- train -----------------------------------------------------------------------------------
 def _cmd_train(args) -> int:
-    from .bapps import BappsError
-    from .trainer import train
+    from ..training.bapps import BappsError
+    from ..training.trainer import train
 
     if not args.out.endswith(".safetensors"):
         return _err("train", f"--out: got {args.out!r}, expected a file name ending in .safetensors")
@@ -119,7 +119,7 @@ def _cmd_synth(args) -> int:
     import torch
 
     from ..model import LPIPS
-    from . import synthetic
+    from ..training import synthetic
 
     try:
         teacher = LPIPS(net=args.teacher_net, version=args.teacher_version,

@@ -29,7 +29,7 @@ import torch
 from .data import REF, Decoded, PairDataset, PairSpec, bucket_by_size, iter_windows, list_images
 from .distributed import DistContext, shard, windows_per_rank
 from .features import FeatureSource, OutOfMemoryAtBatchOne, is_oom
-from .model_cache import build_model
+from ..model_cache import build_model
 from .options import EvalOptions
 from .writers import Row, RunOutput, Stats
 

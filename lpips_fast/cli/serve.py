@@ -1,6 +1,6 @@
 """``lpips-fast serve`` and ``lpips-fast config show``.
 
-Both read the layered settings (``lpips_fast.settings``): defaults < TOML file (``--config``, or
+Both read the layered settings (``lpips_fast.deploy.settings``): defaults < TOML file (``--config``, or
 ``[tool.lpips-fast]`` in a pyproject.toml found upward) < ``LPIPS_FAST_*`` environment < flags.
 Every ``[model]``, ``[scorer]``, ``[serve]`` and ``[log]`` setting with a flag gets it here, on both
 commands; ``--set SECTION.KEY=VALUE`` sets any key (the ``[eval]`` keys of the dataset commands
@@ -25,7 +25,7 @@ def _fail(command: str, e: Exception) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from ..settings import SettingsError, from_args
+    from ..deploy.settings import SettingsError, from_args
 
     try:
         settings = from_args(args)
@@ -44,11 +44,11 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..settings import SettingsError, from_args
+    from ..deploy.settings import SettingsError, from_args
 
     try:
         settings = from_args(args)
-        from .app import check_arms, run
+        from ..serve.app import check_arms, run
 
         check_arms(settings)
     except SettingsError as e:
@@ -61,7 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``serve`` and ``config`` on the main CLI's sub-parsers."""
-    from ..settings import add_arguments  # stdlib only: cheap at parser-build time
+    from ..deploy.settings import add_arguments  # stdlib only: cheap at parser-build time
 
     fmt = argparse.RawDescriptionHelpFormatter
     s = subparsers.add_parser(

@@ -68,7 +68,7 @@ def _common_parser() -> argparse.ArgumentParser:
     """The options every dataset command shares. Model and input options are settings (``[model]``,
     ``[eval]``, ``[log]`` in ``lpips_fast.settings``): a TOML file and ``LPIPS_FAST_*`` variables
     give their defaults, the flags here override them."""
-    from .settings import add_arguments, add_flag
+    from ..deploy.settings import add_arguments, add_flag
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("settings (defaults < --config file < LPIPS_FAST_* environment < flags; `lpips-fast config show`)")
@@ -167,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Command groups that live beside the library layer they drive. Each module defines
+# The other command groups, one module each in this package. Each module defines
 # ``add_commands(subparsers)`` and imports nothing heavy at module level (the parser is built on
 # every invocation); its command functions return an exit status.
-COMMAND_GROUPS = ("lpips_fast.weights.cli", "lpips_fast.deploy_cli", "lpips_fast.serve.cli", "lpips_fast.training.cli")
+COMMAND_GROUPS = ("lpips_fast.cli.weights", "lpips_fast.cli.deploy", "lpips_fast.cli.serve", "lpips_fast.cli.training")
 
 
 # -- printing --------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def show_progress(quiet: bool, main: bool = True) -> bool:
 
 # -- from arguments to the library -----------------------------------------------------------
 def _options(args, command: str, **extra):
-    from .options import EvalOptions
+    from ..dataset.options import EvalOptions
 
     opts = EvalOptions.from_settings(args.settings, distributed=True, extra=extra)
     return _named(args, opts.validate)  # fail before any work, naming the command-line option
@@ -231,8 +231,8 @@ _OPTION_KEYS = {
 def _named(args, fn):
     """Run ``fn``; re-raise an OptionError naming the option as the user gave it: its flag, or its
     settings key and where the value came from (``eval.device from env LPIPS_FAST_EVAL_DEVICE``)."""
-    from .errors import OptionError
-    from .settings import SCHEMA
+    from ..errors import OptionError
+    from ..deploy.settings import SCHEMA
 
     try:
         return fn()
@@ -250,7 +250,7 @@ def _named(args, fn):
 
 
 def _output(args, opts, command: str, *, stdout_rows: bool | None = None):
-    from .writers import RunOutput
+    from ..dataset.writers import RunOutput
 
     return RunOutput(args.output, args.settings["eval.format"], resume=args.resume, settings=opts.settings(command), force=args.force,
                      retry_errors=args.retry_errors, stdout_rows=command in ("dirs", "ref") if stdout_rows is None else stdout_rows)
@@ -268,8 +268,8 @@ def _need_file(path: str, what: str) -> None:
 
 def _score(args, command: str, specs, *, ref_file: str | None = None, engine_auto: bool = True):
     """Score ``specs`` into -o (or stdout); returns the RunResult (None off rank 0)."""
-    from .evaluate import run_to_output, spec_files, start
-    from .features import FeatureSource
+    from ..dataset.evaluate import run_to_output, spec_files, start
+    from ..dataset.features import FeatureSource
 
     opts = _options(args, command)
     _check_metrics_path(args, spec_files(specs, ref_file))
@@ -289,7 +289,7 @@ def _score(args, command: str, specs, *, ref_file: str | None = None, engine_aut
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_dirs(args) -> int:
-    from .evaluate import dir_specs
+    from ..dataset.evaluate import dir_specs
 
     _need_dir(args.dir0, "DIR0")
     _need_dir(args.dir1, "DIR1")
@@ -300,7 +300,7 @@ def cmd_dirs(args) -> int:
 
 
 def cmd_ref(args) -> int:
-    from .evaluate import ref_specs
+    from ..dataset.evaluate import ref_specs
 
     _need_file(args.ref, "REF")
     _need_dir(args.dir, "DIR")
@@ -340,7 +340,7 @@ def run_metrics(command: str, result) -> dict:
 
 def _check_metrics_path(args, inputs=()) -> None:
     if getattr(args, "metrics_json", None):
-        from .writers import check_new_file
+        from ..dataset.writers import check_new_file
 
         _named(args, lambda: check_new_file(args.metrics_json, "--metrics-json", inputs=inputs))
 
@@ -355,8 +355,8 @@ def _write_metrics(args, res) -> None:
 
 
 def cmd_pair(args) -> int:
-    from .evaluate import pair_specs
-    from .writers import read_existing
+    from ..dataset.evaluate import pair_specs
+    from ..dataset.writers import read_existing
 
     specs = pair_specs([(args.path0, args.path1)])
     if args.resume and args.output not in (None, "-") and os.path.exists(args.output):
@@ -380,10 +380,10 @@ def _pair_result(row) -> int:
 
 
 def cmd_allpairs(args) -> int:
-    from .diversity import evaluate_all_pairs, image_files
-    from .evaluate import start
-    from .features import FeatureSource
-    from .writers import check_new_file
+    from ..dataset.diversity import evaluate_all_pairs, image_files
+    from ..dataset.evaluate import start
+    from ..dataset.features import FeatureSource
+    from ..dataset.writers import check_new_file
 
     _need_dir(args.dir, "DIR")
     rels, files = image_files(args.dir)
@@ -421,10 +421,10 @@ def cmd_allpairs(args) -> int:
 def cmd_map(args) -> int:
     import numpy as np
 
-    from .evaluate import start
-    from .features import FeatureSource
-    from .heatmap import heat_map
-    from .writers import check_new_file
+    from ..dataset.evaluate import start
+    from ..dataset.features import FeatureSource
+    from ..dataset.heatmap import heat_map
+    from ..dataset.writers import check_new_file
 
     if args.metrics_json:
         raise UsageError("--metrics-json: not written by map (one pair, no run counters); use it with pair, dirs, ref or allpairs")
@@ -462,9 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a parse error (2)
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    from .errors import OptionError
-    from .settings import SettingsError
-    from .writers import OutputWriteError
+    from ..errors import OptionError
+    from ..deploy.settings import SettingsError
+    from ..dataset.writers import OutputWriteError
 
     try:
         if getattr(args, "uses_settings", False):
@@ -488,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _apply_settings(args) -> None:
     """``args.settings``: the layered settings of a dataset command (file < env < its flags); logging set up."""
-    from .settings import from_args
-    from .telemetry import configure_logging
+    from ..deploy.settings import from_args
+    from ..inference.telemetry import configure_logging
 
     args.settings = s = from_args(args)
     if s.source("log.level") != "default" or s.source("log.format") != "default":
@@ -497,7 +497,7 @@ def _apply_settings(args) -> None:
 
 
 def _is_weights_missing(e: BaseException) -> bool:
-    from .weights import WeightsError
+    from ..weights import WeightsError
 
     return isinstance(e, WeightsError)
 

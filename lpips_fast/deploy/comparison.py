@@ -1,10 +1,10 @@
 """A/B comparison of two metric configurations on the same image pairs.
 
-    from lpips_fast import compare           # the function (module: lpips_fast.comparison)
+    from lpips_fast import compare           # the function (module: lpips_fast.deploy.comparison)
     rep = compare("net=alex,version=0.1", "net=alex,version=0.0", dirs=("out/", "gt/"))
     print(rep.markdown())
 
-A configuration (:class:`Config`) is net, LPIPS version, named lin set (``lpips_fast.registry``),
+A configuration (:class:`Config`) is net, LPIPS version, named lin set (``lpips_fast.weights.registry``),
 dtype, distance-op backend and device. Both score the same pairs through
 ``lpips_fast.evaluate_pairs`` in chunks of ``batch_size`` pairs, alternating A and B chunk by
 chunk (so drifting machine load hits both alike); each chunk's wall time is one latency sample.
@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .model import LPIPS
-from .ops import lpips_distance
+from ..model import LPIPS
+from ..ops import lpips_distance
 
 __all__ = ["Config", "CompareReport", "compare", "read_pairs_file", "read_triplets_file", "pearson", "spearman", "kendall_tau_b"]
 
@@ -48,8 +48,8 @@ class Config:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from .model import canonical_version
-        from .nets import canonical_net_name
+        from ..model import canonical_version
+        from ..nets import canonical_net_name
 
         object.__setattr__(self, "net", canonical_net_name(self.net))
         object.__setattr__(self, "version", canonical_version(self.version))
@@ -213,7 +213,7 @@ def read_triplets_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 
 def _dir_pairs(dir0: str | os.PathLike, dir1: str | os.PathLike) -> list[tuple[str, str]]:
-    from .data import list_images
+    from ..dataset.data import list_images
 
     d0, d1 = Path(os.fspath(dir0)), Path(os.fspath(dir1))
     for d in (d0, d1):
@@ -316,7 +316,7 @@ class CompareReport:
 
 def _score_chunks(models, pairs, cfgs, batch_size: int) -> tuple[list[list], np.ndarray]:
     """Rows per model and per-chunk wall times (chunks alternate A, B, A, B...)."""
-    from .evaluate import evaluate_pairs
+    from ..dataset.evaluate import evaluate_pairs
 
     chunks = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
     rows: list[list] = [[] for _ in models]
@@ -337,6 +337,20 @@ def _score_chunks(models, pairs, cfgs, batch_size: int) -> tuple[list[list], np.
             times[i, k] = time.perf_counter() - t0
             rows[k].extend(r)
     return rows, times
+
+
+def _triplet_agreement(va: np.ndarray, vb: np.ndarray, n_main: int, t: int) -> tuple[float | None, int]:
+    """2AFC agreement of ``a`` and ``b`` over the ``t`` triplets scored after the ``n_main`` pairs
+    (``d(ref, p0)`` then ``d(ref, p1)``), and how many triplets both scored."""
+    if not t:
+        return None, 0
+    a0, a1 = va[n_main : n_main + t], va[n_main + t :]
+    b0, b1 = vb[n_main : n_main + t], vb[n_main + t :]
+    good = np.isfinite(a0) & np.isfinite(a1) & np.isfinite(b0) & np.isfinite(b1)
+    n_trip = int(good.sum())
+    if not n_trip:
+        return None, 0
+    return float((np.sign(a1 - a0)[good] == np.sign(b1 - b0)[good]).mean()), n_trip
 
 
 def compare(
@@ -387,15 +401,7 @@ def compare(
     order = np.argsort(-diff, kind="mergesort")[: max(0, top)]
     topd = [{"path0": plist[idx[i]][0], "path1": plist[idx[i]][1], "a": float(sa[i]), "b": float(sb[i])} for i in order]
 
-    agree, n_trip = None, 0
-    if tlist:
-        t = len(tlist)
-        a0, a1 = va[n_main : n_main + t], va[n_main + t :]
-        b0, b1 = vb[n_main : n_main + t], vb[n_main + t :]
-        good = np.isfinite(a0) & np.isfinite(a1) & np.isfinite(b0) & np.isfinite(b1)
-        n_trip = int(good.sum())
-        if n_trip:
-            agree = float((np.sign(a1 - a0)[good] == np.sign(b1 - b0)[good]).mean())
+    agree, n_trip = _triplet_agreement(va, vb, n_main, len(tlist))
 
     ta, tb = times[:, 0], times[:, 1]
     return CompareReport(

@@ -2,7 +2,7 @@
 
 ``add_commands(subparsers)`` registers the ``weights`` command on the main CLI's
 sub-parsers; each sub-command sets ``func=handler(args) -> int`` (the exit code). Standalone:
-``python -m lpips_fast.weights.cli fetch --net alex`` (the leading ``weights`` is optional).
+``python -m lpips_fast.cli.weights fetch --net alex`` (the leading ``weights`` is optional).
 
 Exit codes:
 - ``fetch``: 0 when every required net is in the cache and verified; 1 otherwise. Nets named
@@ -30,7 +30,7 @@ def _err(msg: str) -> None:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from . import fetch
+    from ..weights import fetch
 
     nets = args.net
     if nets and "all" in nets:
@@ -67,9 +67,9 @@ def _print_rows(rows: list[dict], as_json: bool) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from . import cache_dir, list_weights
+    from ..weights import cache_dir, list_weights
 
-    from ..deploy_cli import registry_rows
+    from .deploy import registry_rows
 
     rows = list_weights() + registry_rows()
     if not args.json:
@@ -80,7 +80,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from ..nets import canonical_net_name
-    from . import verify
+    from ..weights import verify
 
     rows = verify()
     _print_rows(rows, args.json)
@@ -135,7 +135,7 @@ def add_commands(subparsers) -> None:
                    help="also fail when these trunks are not in the cache")
     v.set_defaults(func=_cmd_verify)
 
-    from ..deploy_cli import add_register_command  # named lin sets (lpips_fast.registry)
+    from .deploy import add_register_command  # named lin sets (lpips_fast.weights.registry)
 
     add_register_command(sub)
 

@@ -1,7 +1,7 @@
 """Exported LPIPS graphs: ONNX (for ONNX Runtime) and AOTInductor packages (``.pt2``).
 
     from lpips_fast import LPIPS
-    from lpips_fast.export import onnx, aoti
+    from lpips_fast.deploy.export import onnx, aoti
     onnx(LPIPS(net="alex"), "lpips_alex.onnx")     # dynamic batch, height and width
     aoti(LPIPS(net="alex"), "lpips_alex.pt2")      # dynamic batch; loads without lpips_fast
 
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import LPIPS, identical_pairs
-from .ops import lpips_distance
+from ..model import LPIPS, identical_pairs
+from ..ops import lpips_distance
 
 __all__ = [
     "ExportableLPIPS",
@@ -53,7 +53,7 @@ __all__ = [
 # Three image sizes for the parity checks (H, W): a square, a non-square and the photos' own size.
 CHECK_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 80), (128, 128))
 CHECK_TOLERANCE = 1e-5
-_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the repository's examples/
 
 
 class ExportableLPIPS(nn.Module):

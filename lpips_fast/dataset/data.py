@@ -30,6 +30,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..images import exif_orientation, upright
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "PILLOW_MAX_IMAGE_PIXELS",
@@ -209,34 +211,6 @@ def decode_bytes(
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr).copy()
     return Decoded(array=arr, digest=digest)
-
-
-_ORIENTATION = 0x0112  # EXIF tag
-
-
-def exif_orientation(im) -> int:
-    """The EXIF orientation (1..8) of a Pillow image, 1 when absent or unreadable.
-
-    Never decodes pixels: Pillow's ``getexif()`` on a PNG would load the whole image to look for an
-    ``eXIf`` chunk after the image data, so a PNG is only asked when its ``info`` already holds
-    EXIF (an ``eXIf`` chunk before the data, or any once the image is loaded).
-    """
-    if getattr(im, "format", None) == "PNG" and "exif" not in im.info:
-        return 1
-    try:
-        o = int(im.getexif().get(_ORIENTATION, 1))
-    except Exception:
-        return 1
-    return o if 1 <= o <= 8 else 1
-
-
-def upright(im):
-    """``im`` with its EXIF orientation applied (``ImageOps.exif_transpose``); itself when upright."""
-    if exif_orientation(im) == 1:
-        return im
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(im)
 
 
 def _to_rgb(im):

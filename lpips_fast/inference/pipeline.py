@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .profiling import nvtx_range
+from ..profiling import nvtx_range
 
 __all__ = ["PinnedPipeline", "PinnedSlot"]
 

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, TextIO
 
-from .errors import OptionError, row_error_kind
+from ..errors import OptionError, row_error_kind
 
 __all__ = [
     "Row", "COLUMNS", "RowWriter", "read_existing", "looks_like", "format_from_path", "Stats", "ExistingRows",
@@ -364,7 +364,7 @@ def settings_path(path: str) -> str:
 def check_new_file(path: str, option: str, inputs=()) -> None:
     """A file about to be written (``-o``, ``--matrix``...): its folder exists and is writable,
     it is not a folder or a device/FIFO, and not one of ``inputs``. Raises ``OptionError``."""
-    from .paths import writable_dir
+    from ..paths import writable_dir
 
     if os.path.isdir(path):
         raise OptionError(f"{option} {path}: is a directory (expected a file path)")

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .errors import OptionError
-from .paths import writable_dir
+from ..errors import OptionError
+from ..model_cache import lin_identity
+from ..paths import writable_dir
 
 __all__ = [
     "EvalOptions", "OptionError", "parse_dtype", "DTYPES", "resolve_device", "check_device", "check_cache_dir",
@@ -118,7 +119,7 @@ class EvalOptions:
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> "EvalOptions":
         """The options the ``[model]`` and ``[eval]`` sections of ``settings`` describe
-        (``lpips_fast.settings.load_settings()``; what the dataset commands read); ``overrides`` win.
+        (``lpips_fast.deploy.settings.load_settings()``; what the dataset commands read); ``overrides`` win.
 
         ``dtype`` auto is float32 and ``compile`` auto is off here (exact numbers by default);
         ``workers`` unset is ``default_workers()``; ``engine`` auto is None (on CUDA without a cache).
@@ -141,8 +142,8 @@ class EvalOptions:
     def validate(self) -> "EvalOptions":
         """Check every setting without loading anything; returns a normalised copy."""
         from .data import parse_resize
-        from .nets import canonical_net_name
-        from .weights import canonical_version
+        from ..nets import canonical_net_name
+        from ..weights import canonical_version
 
         try:
             net = canonical_net_name(self.net)
@@ -200,7 +201,7 @@ class EvalOptions:
             "random_trunk": bool(self.random_trunk),
             "seed": int(self.seed) if self.random_trunk else None,
         }
-        from .nets import canonical_net_name
+        from ..nets import canonical_net_name
 
         s["net"] = canonical_net_name(s["net"])
         s.update(self.extra)
@@ -210,24 +211,6 @@ class EvalOptions:
         d = asdict(self)
         d.pop("model")
         return d
-
-
-def lin_identity(lin: str) -> str:
-    """What a ``lin`` option names: the absolute path of a weights file, or ``NAME@N sha256:...``
-    for a set in ``lpips_fast.registry`` (so a resumed run sees a re-registered name change).
-    OptionError when it is neither."""
-    if os.path.isfile(lin):
-        return _abs(lin)
-    from . import registry
-
-    try:
-        entry = registry.resolve(os.fspath(lin))
-    except Exception as e:
-        raise OptionError(
-            f"lin: {lin} is neither a weights file nor a registered lin set ({' '.join(str(e).split())[:200]}); "
-            "expected a .safetensors/.pth file or a name from `lpips-fast weights list`"
-        ) from None
-    return f"{entry.spec} sha256:{entry.sha256 or 'packaged'}"
 
 
 def _abs(path) -> str | None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..sizes import parse_size, size_text
+
 __all__ = [
     "add_arguments",
     "add_flag",
@@ -56,40 +58,9 @@ class SettingsError(ValueError):
     """A bad or unknown setting; the message names the key, its source and what is allowed."""
 
 
-def parse_size(text: str | int | float) -> int:
-    """``'32M'``, ``'1G'``, ``'0.5G'``, ``'1e9'``, ``'500k'``, ``'1048576'`` -> bytes (powers of 1024;
-    an optional ``B``/``iB`` after the unit). ValueError unless a finite number; the sign is kept
-    (callers check the range)."""
-    if isinstance(text, bool):
-        raise ValueError(text)
-    if isinstance(text, int):
-        return text
-    if isinstance(text, float):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+\-]+?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
-        if not m:
-            raise ValueError(text)
-        try:
-            value = float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-        except ValueError:
-            raise ValueError(text) from None
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return int(value)
-
-
-def size_text(n: int) -> str:
-    """Bytes as ``parse_size`` reads them back: ``'10G'``, ``'32M'``, ``'1536'``."""
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("k", 10)):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
-
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-# A registered lin set (``lpips_fast.registry``): NAME or NAME@N, and not a weights file name.
+# A registered lin set (``lpips_fast.weights.registry``): NAME or NAME@N, and not a weights file name.
 _REGISTERED_NAME = re.compile(r"(?![^@]*\.(?:safetensors|pth|pt|bin|ckpt)(?:@|$))[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:@\d+)?")
 
 
@@ -239,26 +210,7 @@ class Setting:
                         raise bad()
             return tuple(items)
         if t in ("map", "weights"):
-            pairs = _split_pairs(value)
-            if pairs is None:
-                raise bad()
-            out: dict[str, Any] = {}
-            for name, v in pairs:
-                if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in out:
-                    raise bad(f" (name {name!r} is empty, repeated or has characters outside A-Z a-z 0-9 _ . -)")
-                if t == "weights":
-                    try:
-                        f = float(v) if not isinstance(v, bool) else None
-                    except (ValueError, TypeError):
-                        f = None
-                    if f is None or not math.isfinite(f) or f < 0:
-                        raise bad(f" (weight of {name!r}: {v!r})")
-                    out[name] = f
-                else:
-                    if not isinstance(v, str) or not v.strip():
-                        raise bad(f" (value of {name!r}: {v!r})")
-                    out[name] = v.strip()
-            return out
+            return _parse_named(value, t == "weights", bad)
         raise AssertionError(f"unknown setting type {t!r}")
 
     def _check_range(self, v: float, bad) -> None:
@@ -294,6 +246,30 @@ def _split_pairs(value: Any) -> list[tuple[str, Any]] | None:
     return out
 
 
+def _parse_named(value: Any, weights: bool, bad: Callable[..., SettingsError]) -> dict[str, Any]:
+    """A ``map`` (name -> non-empty text) or ``weights`` (name -> finite number >= 0) setting."""
+    pairs = _split_pairs(value)
+    if pairs is None:
+        raise bad()
+    out: dict[str, Any] = {}
+    for name, v in pairs:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in out:
+            raise bad(f" (name {name!r} is empty, repeated or has characters outside A-Z a-z 0-9 _ . -)")
+        if weights:
+            try:
+                f = float(v) if not isinstance(v, bool) else None
+            except (ValueError, TypeError):
+                f = None
+            if f is None or not math.isfinite(f) or f < 0:
+                raise bad(f" (weight of {name!r}: {v!r})")
+            out[name] = f
+        else:
+            if not isinstance(v, str) or not v.strip():
+                raise bad(f" (value of {name!r}: {v!r})")
+            out[name] = v.strip()
+    return out
+
+
 # -- the schema ------------------------------------------------------------------------------
 SCHEMA: dict[str, dict[str, Setting]] = {}
 
@@ -325,7 +301,7 @@ for _name, _s in {
 
 
 def _check_resize(value: str) -> None:
-    from .data import parse_resize
+    from ..dataset.data import parse_resize
 
     try:
         parse_resize(value)
@@ -412,6 +388,7 @@ def _lookup(key: str, source: str) -> Setting:
 
 
 # -- the settings object -----------------------------------------------------------------------
+
 @dataclass
 class Settings:
     """Effective values (``settings['serve.port']``) and where each came from (``source(key)``)."""
