@@ -228,7 +228,9 @@ def onnx(
 ) -> Path:
     """Write ``model`` as an ONNX graph ``(in0, in1) -> distances`` with the dynamo exporter.
 
-    ``dynamic``: batch, height and width are symbolic (any size the trunk accepts). ``opset``:
+    ``dynamic``: batch, height and width are symbolic (any size from the trunk's minimum; a
+    smaller image is padded up to it and its distance is NaN, ONNX having no assertion operator);
+    otherwise every dimension is the example's, and ONNX Runtime refuses any other. ``opset``:
     the ONNX opset (default: the exporter's). Returns the path written.
     """
     p = _check_path(path, ".onnx")
