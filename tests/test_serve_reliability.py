@@ -412,7 +412,7 @@ def _documented_schema() -> dict:
     and the wrong error shape (422 ``detail``); this adds the documented request bodies, answers
     and the error body ``{"code", "message"}`` every non-200 answer must have."""
     from lpips_fast.serve.app import create_app
-    from lpips_fast.settings import load_settings
+    from lpips_fast.deploy.settings import load_settings
 
     doc = create_app(load_settings(env={}, flags={})).app.openapi()
     doc.pop("components", None)
