@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,7 @@ def test_torchrun_two_processes_equal_one_with_resume(world, tmp_path):
     with open(multi, "w") as f:
         f.writelines(lines[:5])
         f.write(lines[5][:7])
+    shutil.copyfile(single + ".lpips-run.json", multi + ".lpips-run.json")  # a killed run leaves its record
     p = _torchrun(world, "dirs", world["d0"], world["d1"], "-o", multi, "--resume", "--cache", str(tmp_path / "fc"))
     assert "summary: count=11 errors=5" in p.stdout, p.stdout + p.stderr[-3000:]
     assert "resumed=4" in p.stdout

@@ -278,13 +278,15 @@ def _score(args, command: str, specs, *, ref_file: str | None = None, engine_aut
     out = _output(args, opts, command)
     _named(args, lambda: out.check(spec_files(specs, ref_file)))
     ctx, device = _named(args, lambda: start(opts))
+    done = False
     try:
         src = _named(args, lambda: FeatureSource.from_options(opts, device))
         res = run_to_output(specs, src, ctx, out, ref_file=ref_file, show_progress=show_progress(args.quiet, ctx.is_main),
                             keep_rows=command == "pair")
+        done = True
         return res if ctx.is_main else None
     finally:
-        ctx.close()
+        ctx.close(barrier=done)  # on success the ranks leave the group together
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -402,12 +404,14 @@ def cmd_allpairs(args) -> int:
         check_new_file(args.matrix, "--matrix", inputs=files)
         check_new_file(os.path.splitext(args.matrix)[0] + ".paths.txt", "--matrix", inputs=files)
     ctx, device = _named(args, lambda: start(opts))
+    done = False
     try:
         src = _named(args, lambda: FeatureSource.from_options(opts, device))
         res = evaluate_all_pairs(args.dir, src, ctx, out, pairs=args.pairs, seed=args.seed, matrix=args.matrix,
                                  listing=(rels, files), show_progress=show_progress(args.quiet, ctx.is_main))
+        done = True
     finally:
-        ctx.close()
+        ctx.close(barrier=done)
     if not res.is_main:
         return EXIT_OK
     stream = sys.stderr if args.output == "-" else sys.stdout

@@ -73,11 +73,16 @@ class DistContext:
     def _comm_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
-    def close(self) -> None:
+    def close(self, barrier: bool = False) -> None:
+        """Leave the process group if this context joined it; ``barrier``: wait for every rank
+        first (on the normal path: a rank that tears gloo down while a peer still talks to it can
+        abort with 'terminate called without an active exception')."""
         if self.initialized_here:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if barrier:
+                    dist.barrier()
                 dist.destroy_process_group()
             self.initialized_here = False
 

@@ -288,6 +288,7 @@ def evaluate_specs(specs: Sequence[PairSpec], options: EvalOptions, *, ref_file:
     finally:
         if bar is not None:
             bar.close()
+    ctx.close(barrier=True)  # a group joined for this call is left here, not at interpreter exit
     return out
 
 
