@@ -367,6 +367,19 @@ def test_every_v1_route_needs_the_token_and_no_probe_reveals_it(server, pool):
     assert TOKEN not in server.log()
 
 
+def test_a_request_without_the_token_is_refused_before_its_body_is_read(server, pool):
+    """A client without the token announces a large body and sends none of it: the 401 comes at
+    once (no body buffered, no request slot held)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(_raw_request(server, "/v1/distance", b"", {"Content-Type": "application/json", "Content-Length": "50000"}))
+        t0 = time.monotonic()
+        reply = _read_response(s, 10)
+        assert time.monotonic() - t0 < 5, reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401") and json.loads(body)["code"] == "unauthorized", reply
+    assert _in_flight(server) == 0
+
+
 def test_request_key_header_injection(server, pool):
     """A key cannot inject a header into the answer: a bare CR or a NUL in X-Request-Key is
     refused by uvicorn's HTTP/1.1 parser (400, plain text: the app never sees it); a bare LF ends

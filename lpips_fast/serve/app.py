@@ -408,12 +408,18 @@ async def _unexpected(request, e):
 
 
 # -- what the scoring endpoints share ---------------------------------------------------------
+_UNAUTHORIZED = "missing or wrong 'Authorization: Bearer <token>' header"
+
+
+def _authorized(service: Service, header: bytes) -> bool:
+    """Whether an ``Authorization`` header value carries ``serve.auth_token`` (always, when unset)."""
+    return service.auth is None or hmac.compare_digest(header, service.auth)
+
+
 def _check_auth(service: Service, request: Request) -> None:
     """401 unless the request carries ``serve.auth_token`` as its bearer token (when one is set)."""
-    if service.auth is not None:
-        got = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(got, service.auth):
-            raise HTTPError(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>' header")
+    if not _authorized(service, request.headers.get("authorization", "").encode()):
+        raise HTTPError(401, "unauthorized", _UNAUTHORIZED)
 
 
 async def _arm_and_pairs(service: Service, request: Request, batch: bool) -> tuple[Arm, list[tuple[bytes, bytes]]]:
@@ -573,6 +579,11 @@ class _Limits:
 
         limited = path.startswith("/v1/")
         try:
+            header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
+            if limited and not _authorized(svc, header):
+                # Before the body is read: a client without the token gets no buffer and no slot.
+                await self._reply(send, 401, "unauthorized", _UNAUTHORIZED, status, {"connection": "close"})
+                return
             if limited and svc.in_flight >= svc.max_concurrency:
                 await self._reply(send, 503, "overloaded",
                                   f"{svc.in_flight} requests in progress (serve.max_concurrency={svc.max_concurrency})",
