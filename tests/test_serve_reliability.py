@@ -178,7 +178,10 @@ def test_sigterm_under_load_answers_every_accepted_request(model_file, pool, tmp
         never_written = [o for t, o in tally.events if t is None]
         assert before and never_written, (len(before), len(never_written))
         assert set(before) <= {200, 503}, sorted(map(str, before))
-        assert set(never_written) <= {"ConnectError"}, never_written
+        # never fully written, so never accepted: a refused connection, or (a write cut off by the
+        # listener closing at the signal) the same close the keep-alive race shows
+        assert set(never_written) <= {"ConnectError", "ReadError", "WriteError", "RemoteProtocolError"}, never_written
+        assert never_written.count("ConnectError") >= 1, never_written
         assert set(window) <= {200, 503, "ReadError", "RemoteProtocolError"}, window
         assert before.count(200) >= 1
         assert res["wrong_values"] == 0 and res["shed_503_without_retry_after"] == 0, res
