@@ -239,7 +239,7 @@ class FeatureCache:
             conn = sqlite3.connect(
                 os.path.join(self.root, "index.sqlite"), timeout=self.timeout_s, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(conn, self.timeout_s)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
             self._conn, self._pid = conn, os.getpid()
@@ -423,3 +423,20 @@ class CacheProbe:
 
     def __getstate__(self):
         return {"root": self.root, "args": self.args, "_conn": None, "_pid": None}
+
+
+def _set_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the new index's lock: the
+    switch can answer "database is locked" at once, without waiting for the busy timeout (seen
+    with two torchrun ranks opening one fresh cache folder)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
