@@ -99,7 +99,7 @@ class ExportableLPIPS(nn.Module):
         else:
             lo = self.min_size
             _require(
-                (torch.scalar_tensor(h) >= lo) & (torch.scalar_tensor(w) >= lo),
+                _at_least(h, w, lo),
                 f"in0/in1: images must be at least {lo}x{lo} pixels for this package's trunk; upsample them",
             )
         if self.refuse_nonfinite:
@@ -129,9 +129,14 @@ class ExportableLPIPS(nn.Module):
         same = identical_pairs(in0, in1)
         total = torch.where(same.view(-1, *([1] * (total.dim() - 1))), torch.zeros_like(total), total)
         if self.pad_small:
-            small = (torch.scalar_tensor(in0.shape[2]) < self.min_size) | (torch.scalar_tensor(in0.shape[3]) < self.min_size)
-            total = torch.where(small, torch.full_like(total, float("nan")), total)
+            fits = _at_least(in0.shape[2], in0.shape[3], self.min_size)
+            total = torch.where(fits, total, torch.full_like(total, float("nan")))
         return total
+
+
+def _at_least(h, w, lo: int) -> torch.Tensor:
+    """``h >= lo and w >= lo`` as a 0-d bool tensor (runtime values of symbolic sizes)."""
+    return (torch.scalar_tensor(h) >= lo) & (torch.scalar_tensor(w) >= lo)
 
 
 def _require(ok: torch.Tensor, message: str) -> None:
@@ -140,12 +145,10 @@ def _require(ok: torch.Tensor, message: str) -> None:
 
 
 def _prepare(model: LPIPS, **checks: Any) -> ExportableLPIPS:
-    """An eval-mode float32 copy's wrapper (the caller's module is not changed); ``checks`` go to
-    :class:`ExportableLPIPS`."""
+    """An eval-mode float32 copy's wrapper (the caller's module is not changed; ``_example`` has
+    checked its type); ``checks`` go to :class:`ExportableLPIPS`."""
     import copy
 
-    if not isinstance(model, LPIPS):
-        raise TypeError(f"model: expected an lpips_fast.LPIPS, got {type(model).__name__}")
     m = copy.deepcopy(model).eval().requires_grad_(False).to(device="cpu", dtype=torch.float32)
     m.net.to(memory_format=torch.contiguous_format)
     return ExportableLPIPS(m, **checks).eval()
