@@ -393,17 +393,31 @@ def check_refusals(path: str | os.PathLike, model: LPIPS, *, size: tuple[int, in
     lo = _min_dynamic_size(model)
     suffix = Path(os.fspath(path)).suffix
     if suffix == ".onnx":
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
         cases = _refusal_cases(model, size, lo, runtime_checks=True)
-        return _refusals(lambda a, b: sess.run(None, {"in0": a.numpy(), "in1": b.numpy()})[0], cases,
-                         nan_cases=(f"{lo - 1}x", "NaN pixel"))
+        return _refusals(_onnx_runner(path), cases, nan_cases=(f"{lo - 1}x", "NaN pixel"))
     if suffix != ".pt2":
         raise ValueError(f"path: expected a .onnx or .pt2 file, got {os.fspath(path)!r}")
-    runner = torch._inductor.aoti_load_package(os.fspath(path))
     runtime_checks = os.environ.get("AOTI_RUNTIME_CHECK_INPUTS", "") not in ("", "0")
-    return _refusals(runner, _refusal_cases(model, size, lo, runtime_checks))
+    return _refusals(_aoti_runner(path), _refusal_cases(model, size, lo, runtime_checks))
+
+
+def _onnx_runner(path: str | os.PathLike):
+    """``run(a, b)`` over an ONNX Runtime CPU session of the file at ``path``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return lambda a, b: sess.run(None, {"in0": a.numpy(), "in1": b.numpy()})[0]
+
+
+def _aoti_runner(path: str | os.PathLike):
+    """``run(a, b)`` over the loaded ``.pt2`` package at ``path``, without autograd."""
+    runner = torch._inductor.aoti_load_package(os.fspath(path))
+
+    def run(a, b):
+        with torch.no_grad():
+            return runner(a, b)
+
+    return run
 
 
 def check_onnx(
@@ -416,14 +430,7 @@ def check_onnx(
 ) -> list[dict]:
     """Run the ONNX file with onnxruntime's CPU provider on photographs at each size and batch;
     one row per run: ``size``, ``batch``, ``max_abs_err`` against ``model``, ``ok``."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-
-    def run(a, b):
-        return sess.run(None, {"in0": a.numpy(), "in1": b.numpy()})[0]
-
-    return _check(run, model, sizes, batches, tolerance)
+    return _check(_onnx_runner(path), model, sizes, batches, tolerance)
 
 
 def check_aoti(
@@ -436,10 +443,4 @@ def check_aoti(
 ) -> list[dict]:
     """Like :func:`check_onnx` for a ``.pt2`` package (sizes must match it unless it was
     compiled with ``dynamic_hw=True``)."""
-    runner = torch._inductor.aoti_load_package(os.fspath(path))
-
-    def run(a, b):
-        with torch.no_grad():
-            return runner(a, b)
-
-    return _check(run, model, sizes, batches, tolerance)
+    return _check(_aoti_runner(path), model, sizes, batches, tolerance)
