@@ -14,10 +14,11 @@ import argparse
 import json
 import sys
 
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
+
 __all__ = ["add_commands", "add_register_command", "registry_rows"]
 
 _NETS = ("alex", "vgg", "vgg16", "squeeze")
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _err(msg: str) -> None:
@@ -58,23 +59,19 @@ def _build_model(args, spatial: bool = False):
     try:
         return LPIPS(**kwargs)
     except ValueError as e:  # e.g. a lin set made for another net or version
-        raise _UsageError(str(e)) from None
-
-
-class _UsageError(Exception):
-    """A bad argument found after parsing (exit status 2)."""
+        raise UsageError(str(e)) from None
 
 
 # -- export ------------------------------------------------------------------------------------
 def _usage_errors(fn):
-    """Report a ``_UsageError`` as one line on stderr and exit status 2."""
+    """Report a ``UsageError`` as one line on stderr and exit status 2."""
     import functools
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except _UsageError as e:
+        except UsageError as e:
             _err(f"lpips-fast {args.command}: error: {e}")
             return EXIT_USAGE
 
